@@ -1,0 +1,330 @@
+"""The config tree: dataclasses, YAML loading with dotted overrides, strict validation.
+
+Every field has a default, so a YAML file only states what differs. Unknown keys fail with the
+dotted path and the nearest valid key; bad values fail with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message says what to change."""
+
+
+def _check(cond: bool, path: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{path}: {msg}")
+
+
+def _choice(value: str, path: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, path, f"unknown value {value!r}; valid choices: {', '.join(choices)}")
+
+
+ENCODERS = ("wrn", "mlp")
+GENERATORS = ("deconv", "mlp")
+LIKELIHOODS = ("gaussian", "multinomial")
+ACTIVATIONS = ("gelu", "relu", "leaky_relu", "elu", "silu", "tanh")
+
+
+@dataclass
+class ModelConfig:
+    """The three networks and the latent space (paper section 3, eqs. 1-5)."""
+
+    encoder: str = "mlp"  # q(z|x): "wrn" (Wide-ResNet, images) or "mlp" (vectors)
+    generator: str = "mlp"  # p(x|z): "deconv" (4-layer, images) or "mlp" (vectors)
+    likelihood: str = "gaussian"  # "gaussian" (fixed obs_sigma) or "multinomial" (word counts)
+    x_shape: tuple[int, ...] = (64,)  # (D,) for vectors, (C, H, W) for images
+    num_classes: int = 10  # K, the number of symbols y
+    z_dim: int = 20  # d, the latent dimension
+    hidden: int = 200  # hidden width of the MLP encoder and generator
+    prior_hidden: int = 200  # hidden width of the prior MLP f(z)
+    prior_activation: str = "gelu"
+    activation: str = "gelu"  # activation of the MLP encoder and generator
+    wrn_depth: int = 28  # WRN-d-k: d = 6n + 4
+    wrn_width: int = 2  # WRN-d-k: k
+    gen_channels: int = 64  # base channel width of the deconvolutional generator
+    sigma0: float = 1.0  # p0(z) = N(0, sigma0^2 I)
+    obs_sigma: float = 0.3  # std of the Gaussian likelihood x = g(z) + N(0, obs_sigma^2)
+    labelled_weight: float = 1.0  # weight of the labelled cross-entropy (Algorithm 1, step 6)
+    prior_spectral_norm: bool = False  # spectral normalisation of the prior's linear layers
+    energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded)
+
+    def __post_init__(self) -> None:
+        self.x_shape = tuple(self.x_shape)
+        _choice(self.encoder, "model.encoder", ENCODERS)
+        _choice(self.generator, "model.generator", GENERATORS)
+        _choice(self.likelihood, "model.likelihood", LIKELIHOODS)
+        _choice(self.prior_activation, "model.prior_activation", ACTIVATIONS)
+        _choice(self.activation, "model.activation", ACTIVATIONS)
+        _check(len(self.x_shape) in (1, 3) and all(s > 0 for s in self.x_shape), "model.x_shape",
+               f"got {list(self.x_shape)}; use [D] for vectors or [C, H, W] for images")
+        _check(self.num_classes >= 2, "model.num_classes", f"got {self.num_classes}; need at least 2 classes")
+        _check(self.z_dim >= 1, "model.z_dim", f"got {self.z_dim}; must be >= 1")
+        _check(self.hidden >= 1 and self.prior_hidden >= 1, "model.hidden", "widths must be >= 1")
+        _check(self.sigma0 > 0, "model.sigma0", f"got {self.sigma0}; must be > 0")
+        _check(self.obs_sigma > 0, "model.obs_sigma", f"got {self.obs_sigma}; must be > 0")
+        _check(self.labelled_weight >= 0, "model.labelled_weight", "must be >= 0")
+        _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")
+        image = len(self.x_shape) == 3
+        if self.encoder == "wrn" or self.generator == "deconv":
+            _check(image, "model.x_shape",
+                   f"encoder {self.encoder!r} / generator {self.generator!r} need an image shape [C, H, W], "
+                   f"got {list(self.x_shape)}")
+        if self.encoder == "wrn":
+            _check((self.wrn_depth - 4) % 6 == 0 and self.wrn_depth >= 10, "model.wrn_depth",
+                   f"got {self.wrn_depth}; WRN depth must be 6n + 4 (10, 16, 22, 28, 40, ...)")
+            _check(self.wrn_width >= 1, "model.wrn_width", "must be >= 1")
+        if self.likelihood == "multinomial":
+            _check(not image, "model.likelihood", "the multinomial likelihood is for word-count vectors [V]")
+
+
+@dataclass
+class SamplerConfig:
+    """Langevin sampling of the prior (eq. 6) and the persistent chains of Algorithm 1."""
+
+    steps: int = 20  # T_LD
+    step_size: float = 0.6  # s
+    persistent: bool = True  # False: short-run chains restarted from p0 every step
+    bank_size: int = 10_000  # persistent chains per process (L)
+    num_chains: int = 0  # chains updated per step and process; 0 = the unlabelled batch size
+    reinit_frac: float = 0.0  # fraction of drawn chains re-initialised from p0 before updating
+    drift_clip: float = 0.0  # clip the norm of grad log p(z) per chain (0 = off)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "sampler.steps", f"got {self.steps}; must be >= 0")
+        _check(self.step_size > 0, "sampler.step_size", f"got {self.step_size}; must be > 0")
+        _check(self.bank_size >= 1, "sampler.bank_size", "must be >= 1")
+        _check(self.num_chains >= 0, "sampler.num_chains", "must be >= 0")
+        _check(0.0 <= self.reinit_frac <= 1.0, "sampler.reinit_frac", "must be in [0, 1]")
+        _check(self.drift_clip >= 0, "sampler.drift_clip", "must be >= 0 (0 turns it off)")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are, and how batches are drawn from them."""
+
+    shards: str = ""  # fsspec URL of a shard directory holding manifest.json
+    dataset: str = ""  # if set and the shards are missing, build them from this source first
+    source: str = ""  # path of the source files for `dataset` (unused for digits)
+    num_labelled: int = 100  # labelled examples, used when building shards
+    split_seed: int = 0  # seed of the labelled/unlabelled/validation split
+    batch_unlabelled: int = 128
+    batch_labelled: int = 32
+    eval_batch: int = 512
+    shuffle_buffer: int = 1000
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_unlabelled >= 0 and self.batch_labelled >= 0, "data.batch_unlabelled",
+               "batch sizes must be >= 0")
+        _check(self.batch_unlabelled + self.batch_labelled > 0, "data.batch_labelled",
+               "batch_unlabelled and batch_labelled cannot both be 0")
+        _check(self.eval_batch >= 1, "data.eval_batch", "must be >= 1")
+        _check(self.workers >= 0, "data.workers", "must be >= 0")
+        _check(self.num_labelled >= 1, "data.num_labelled", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """Adam with one parameter group per part (eta_0 prior, eta_1 generator, eta_2 encoder)."""
+
+    lr_prior: float = 1e-5
+    lr_generator: float = 1e-3
+    lr_encoder: float = 1e-3
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "constant"  # "constant" or "cosine" (after warm-up)
+    grad_clip: float = 0.0  # max global gradient norm (0 = off)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("lr_prior", "lr_generator", "lr_encoder"):
+            _check(getattr(self, name) >= 0, f"optim.{name}", "learning rates must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "need two values in [0, 1)")
+        _choice(self.schedule, "optim.schedule", ("constant", "cosine"))
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns it off)")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how often to log / evaluate / save, and where."""
+
+    steps: int = 1000
+    seed: int = 0
+    method: str = "ebm"  # "ebm" (Algorithm 1) or "supervised" (labelled loss only, same nets)
+    mixed_precision: str = "no"  # "no" or "bf16" (autocast; the sampler stays fp32)
+    grad_accum: int = 1
+    out_dir: str = "runs/default"  # fsspec URL of the run directory (config, logs, metrics)
+    checkpoint_dir: str = ""  # fsspec URL for checkpoints; "" = <out_dir>/checkpoints
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" (newest complete checkpoint if any), "never", or a checkpoint URL
+    log_every: int = 50
+    eval_every: int = 0  # steps between validation passes (0 = only at the end)
+    image_every: int = 0  # steps between PNG grids for image data (0 = off)
+    on_nan: str = "stop"  # "stop" with the step number, or "skip" the update and count it
+    max_nan_skips: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "train.steps", "must be >= 0")
+        _choice(self.method, "train.method", ("ebm", "supervised"))
+        _choice(self.mixed_precision, "train.mixed_precision", ("no", "bf16"))
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _choice(self.on_nan, "train.on_nan", ("stop", "skip"))
+        for name in ("checkpoint_every", "log_every", "eval_every", "image_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists to tuples etc.)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), path, f"expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        _check(len(value) == len(args), path, f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        _check(isinstance(value, bool), path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), path,
+               f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), path,
+               f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), path, f"expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _check(isinstance(value, dict), path, f"expected a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and bad types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(path + '.' if path else '') + near[0]!r}?" if near else ""
+            raise ConfigError(f"{dotted}: unknown config key{hint} (valid keys: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {k!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["train.steps=200", "--model.z_dim=8"]` -> nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in items:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: write it as section.key=value, e.g. train.steps=200")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (any fsspec URL or local path) and apply dotted overrides."""
+    data: dict = {}
+    if path:
+        import fsspec
+
+        try:
+            with fsspec.open(path, "r") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} not found; pass --config with an existing YAML file "
+                              "(see configs/)") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, data:, ...)")
+    data = _merge(data, parse_overrides(overrides or []))
+    return from_dict(Config, data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
