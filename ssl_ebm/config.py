@@ -33,6 +33,7 @@ ENCODERS = ("wrn", "mlp")
 GENERATORS = ("deconv", "mlp")
 LIKELIHOODS = ("gaussian", "multinomial")
 ACTIVATIONS = ("gelu", "relu", "leaky_relu", "elu", "silu", "tanh")
+DECONV_SIZES = (28, 32)  # image sizes (H = W) the 4-layer deconvolutional generator produces
 
 
 @dataclass
@@ -79,6 +80,12 @@ class ModelConfig:
             _check(image, "model.x_shape",
                    f"encoder {self.encoder!r} / generator {self.generator!r} need an image shape [C, H, W], "
                    f"got {list(self.x_shape)}")
+        if self.generator == "deconv":
+            h, w = self.x_shape[1:]
+            _check(h == w and h in DECONV_SIZES, "model.x_shape",
+                   f"got {list(self.x_shape)}; the deconv generator produces only "
+                   f"{' or '.join(f'{s}x{s}' for s in DECONV_SIZES)} images: resize the data or use generator 'mlp'")
+            _check(self.gen_channels >= 1, "model.gen_channels", f"got {self.gen_channels}; must be >= 1")
         if self.encoder == "wrn":
             _check((self.wrn_depth - 4) % 6 == 0 and self.wrn_depth >= 10, "model.wrn_depth",
                    f"got {self.wrn_depth}; WRN depth must be 6n + 4 (10, 16, 22, 28, 40, ...)")
@@ -106,6 +113,10 @@ class SamplerConfig:
         _check(self.num_chains >= 0, "sampler.num_chains", "must be >= 0")
         _check(0.0 <= self.reinit_frac <= 1.0, "sampler.reinit_frac", "must be in [0, 1]")
         _check(self.drift_clip >= 0, "sampler.drift_clip", "must be >= 0 (0 turns it off)")
+        if self.persistent:
+            _check(self.num_chains <= self.bank_size, "sampler.num_chains",
+                   f"got {self.num_chains} chains per step from a bank of {self.bank_size}; "
+                   "lower num_chains or raise sampler.bank_size")
 
 
 @dataclass
@@ -308,6 +319,15 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (any fsspec URL or local path) and apply dotted overrides."""
+    return from_dict(Config, raw_tree(path, overrides))
+
+
+def raw_tree(path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The nested dict a config is built from: the YAML file with the overrides merged in.
+
+    The training loop reads it to tell values the user set from defaults (for example `model.x_shape`,
+    which is otherwise filled from the shard manifest).
+    """
     data: dict = {}
     if path:
         import fsspec
@@ -322,8 +342,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, data:, ...)")
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(Config, data)
+    return _merge(data, parse_overrides(overrides or []))
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,0 +1,278 @@
+"""Train the latent-EBM semi-supervised model: Algorithm 1 of Pang et al., one update per step.
+
+    accelerate launch launch/train.py --config configs/cifar10.yaml [section.key=value ...]
+    python launch/train.py --config configs/digits.yaml train.steps=200
+
+Reads top to bottom: config, runtime, data, model, optimizer, prepare, resume, the loop, teardown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from ssl_ebm import config as C
+from ssl_ebm import data, logs, runtime
+from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, resolve_resume
+from ssl_ebm.langevin import ChainBank, sample_negatives
+from ssl_ebm.metrics import evaluate
+from ssl_ebm.model import LatentEBM
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN loss, say); the message names the step and what to change."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.z_dim=16")
+    return p.parse_args(argv)
+
+
+def fill_from_manifest(cfg: C.Config, raw: dict, manifest: dict) -> C.Config:
+    """Take the data's shape and class count from the manifest unless the config states them."""
+    stated = raw.get("model", {})
+    fields = {"x_shape": tuple(manifest["x_shape"]), "num_classes": int(manifest["num_classes"])}
+    for key, value in fields.items():
+        if key in stated and getattr(cfg.model, key) != value:
+            raise C.ConfigError(f"model.{key}: config says {getattr(cfg.model, key)} but the shards at "
+                                f"{cfg.data.shards} hold {value}; remove model.{key} to take it from the data")
+    return replace(cfg, model=replace(cfg.model, **fields))
+
+
+def lr_lambda(optim: C.OptimConfig, steps: int):
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "cosine":
+            t = (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def tensorboard_dir(out_dir: str) -> str:
+    """TensorBoard writes to local disk: the run directory when it is local, else a temporary one."""
+    if "://" not in out_dir or out_dir.startswith("file://"):
+        return os.path.join(out_dir.removeprefix("file://"), "tensorboard")
+    return tempfile.mkdtemp(prefix="ssl_ebm_tb_")
+
+
+def save_checkpoint(store, name, acc, model, optimizer, scheduler, bank, cfg, meta):
+    """Every rank writes its chains and RNG; the main process writes the rest, then COMPLETE."""
+    rank_state = {"rng": runtime.RngState.capture().to_dict(), "bank": bank.state_dict() if bank else None}
+    store.write_torch(name, f"rank-{acc.process_index:05d}.pt", rank_state)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        store.write_torch(name, "model.pt", acc.unwrap_model(model).state_dict())
+        store.write_torch(name, "optimizer.pt", {"optimizer": optimizer.state_dict(),
+                                                 "scheduler": scheduler.state_dict()})
+        store.write_bytes(name, "config.yaml", C.dump_config(cfg).encode())
+        store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes})
+        store.mark_complete(name)
+        store.prune(name.split("-")[0], cfg.train.keep_last if name.startswith("step") else 1)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(store, name, acc, model, optimizer, scheduler, bank) -> dict:
+    acc.unwrap_model(model).load_state_dict(store.read_torch(name, "model.pt"))
+    opt = store.read_torch(name, "optimizer.pt")
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    meta = store.read_json(name, "meta.json")
+    rank_file = f"rank-{acc.process_index:05d}.pt"
+    if store.exists(name, rank_file) and meta["world_size"] == acc.num_processes:
+        state = store.read_torch(name, rank_file)
+        if bank is not None and state["bank"] is not None:
+            bank.load_state_dict(state["bank"])
+        runtime.RngState.from_dict(state["rng"]).restore()
+    else:
+        acc.print(f"note: {store.url_of(name)} was saved by {meta['world_size']} processes, this run has "
+                  f"{acc.num_processes}: weights and optimizer resume, chains and RNG start fresh")
+    return meta
+
+
+def run_eval(acc, model, url: str, split: str, cfg: C.Config) -> dict:
+    net = acc.unwrap_model(model)
+    net.eval()
+    batches = data.eval_batches(url, split, batch_size=cfg.data.eval_batch, rank=acc.process_index,
+                                world_size=acc.num_processes, num_workers=cfg.data.workers)
+    with acc.autocast():
+        out = evaluate(net.predict_logits, batches, cfg.model.num_classes, acc.device)
+    net.train()
+    return out
+
+
+def train(cfg: C.Config, raw: dict) -> dict:
+    t_start = time.time()
+    out_dir = cfg.train.out_dir.rstrip("/")
+    acc = runtime.make_accelerator(cfg, logging_dir=tensorboard_dir(out_dir))
+    store = CheckpointStore(cfg.train.checkpoint_dir or f"{out_dir}/checkpoints")
+    store.check_writable()  # fail now, not after hours of training
+
+    # ---- data: build the shards on first use (main process first, the others then read them)
+    with acc.main_process_first():
+        url = data.ensure_shards(cfg.data)
+    manifest = data.read_manifest(url)
+    cfg = fill_from_manifest(replace(cfg, data=replace(cfg.data, shards=url)), raw, manifest)
+    splits = manifest["splits"]
+    if acc.is_main_process:
+        logs.write_text(f"{out_dir}/config.yaml", C.dump_config(cfg))
+
+    # ---- model, chains, optimizer (identical initial weights on every rank)
+    runtime.seed_everything(cfg.train.seed)
+    model = LatentEBM(cfg.model)
+    ebm = cfg.train.method == "ebm"
+    num_chains = cfg.sampler.num_chains or cfg.data.batch_unlabelled
+    bank = None
+    if ebm and cfg.sampler.persistent:
+        bank = ChainBank(cfg.sampler.bank_size, cfg.model.z_dim, cfg.model.sigma0, device=acc.device,
+                         seed=cfg.train.seed * 100_003 + acc.process_index)
+    optimizer = torch.optim.Adam(model.param_groups(cfg.optim), betas=cfg.optim.betas,
+                                 weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
+    model, optimizer = acc.prepare(model, optimizer)
+    runtime.seed_everything(cfg.train.seed * 7919 + acc.process_index + 1)  # per-rank noise
+
+    # ---- resume
+    meta = {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0}
+    found = resolve_resume(store, cfg.train.resume)
+    if found is not None:
+        meta = load_checkpoint(*found, acc, model, optimizer, scheduler, bank)
+        acc.print(f"resumed from {found[0].url_of(found[1])} at step {meta['step']}")
+    start = meta["step"]
+    jsonl = logs.JsonlLog(f"{out_dir}/log.jsonl") if acc.is_main_process else None
+    if jsonl is not None:
+        jsonl.truncate_after(start)
+    acc.init_trackers("ssl_ebm", config={"method": cfg.train.method, "dataset": manifest.get("dataset", "")})
+
+    stream = data.train_batches(
+        url, batch_unlabelled=cfg.data.batch_unlabelled if ebm else 0, batch_labelled=cfg.data.batch_labelled,
+        seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
+        num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, start_step=start)
+    net = acc.unwrap_model(model)
+    image_data = len(cfg.model.x_shape) == 3
+    progress = None
+    if acc.is_main_process and cfg.train.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t_log, n_log = time.time(), 0
+    for step in range(start, cfg.train.steps):
+        batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(stream).items()}
+        with acc.accumulate(model):
+            z_neg = None
+            if ebm:  # Algorithm 1 step 2: update persistent chains, then pool the negatives of all ranks
+                z_neg = runtime.gather(acc, sample_negatives(net.prior, bank, num_chains, cfg.sampler,
+                                                             cfg.model.sigma0, device=acc.device))
+            terms = model(batch["x_u"] if ebm else None, batch["x_l"], batch["y_l"], z_neg)  # steps 3-6
+            loss = terms["loss"]
+            acc.backward(loss)
+            finite = bool(runtime.gather(acc, torch.isfinite(loss.detach()).reshape(1)).all())
+            if not finite:
+                if cfg.train.on_nan == "stop":
+                    raise TrainingError(f"loss is {loss.item()} at step {step + 1}; lower the learning rates, "
+                                        "enable optim.grad_clip, or set train.on_nan=skip")
+                meta["nan_skips"] += 1
+                if meta["nan_skips"] > cfg.train.max_nan_skips:
+                    raise TrainingError(f"{meta['nan_skips']} non-finite losses by step {step + 1} "
+                                        f"(train.max_nan_skips={cfg.train.max_nan_skips}); the run has diverged")
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if acc.sync_gradients and cfg.optim.grad_clip > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                if acc.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        n_log += 1
+        if progress is not None:
+            progress.update(1)
+
+        if cfg.train.log_every and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
+            record = {k: float(v) for k, v in terms.items()}
+            record.update(step=done, lr_prior=scheduler.get_last_lr()[-1], nan_skips=meta["nan_skips"],
+                          steps_per_s=n_log / max(time.time() - t_log, 1e-9))
+            t_log, n_log = time.time(), 0
+            acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
+            if jsonl is not None:
+                jsonl.write(record)
+                jsonl.flush()
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3g}", ce=f"{record.get('ce', 0):.3g}")
+
+        if image_data and cfg.train.image_every and done % cfg.train.image_every == 0 and acc.is_main_process:
+            with torch.no_grad():
+                x = batch["x_u"][:64] if ebm and len(batch["x_u"]) else batch["x_l"][:64]
+                net.eval()
+                recon = net.generator(net.encoder(x)[0]).float()
+                net.train()
+                grids = {"inputs": x, "reconstructions": recon}
+                if z_neg is not None:
+                    grids["prior_samples"] = net.generator(z_neg[:64]).float()
+                for kind, imgs in grids.items():
+                    logs.save_png(f"{out_dir}/images/{kind}-{done:06d}.png", logs.image_grid(imgs))
+
+        if splits.get("val", {}).get("count", 0) and (
+                (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
+            val = run_eval(acc, model, url, "val", cfg)
+            acc.log({"val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"]}, step=done)
+            if jsonl is not None:
+                jsonl.write({"step": done, "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]})
+                jsonl.flush()
+            if val["accuracy"] > meta["best_val"]:
+                meta.update(best_val=val["accuracy"], best_step=done)
+                save_checkpoint(store, store.dir_name("best", done), acc, model, optimizer, scheduler, bank,
+                                cfg, {**meta, "step": done})
+
+        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
+            save_checkpoint(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank, cfg,
+                            {**meta, "step": done})
+    if progress is not None:
+        progress.close()
+
+    # ---- teardown: test the weights that were best on validation (never chosen on test)
+    best = store.latest("best")
+    if best is not None:
+        net.load_state_dict(store.read_torch(best, "model.pt"))
+    results = {"dataset": manifest.get("dataset", ""), "method": cfg.train.method, "steps": cfg.train.steps,
+               "best_step": meta["best_step"], "val_accuracy": meta["best_val"], "nan_skips": meta["nan_skips"],
+               "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes}
+    for split in ("test",):
+        if splits.get(split, {}).get("count", 0):
+            results[split] = run_eval(acc, model, url, split, cfg)
+    if acc.is_main_process:
+        logs.write_json(f"{out_dir}/metrics.json", results)
+        test_acc = results.get("test", {}).get("accuracy", float("nan"))
+        print(f"{results['dataset']} {cfg.train.method}: test accuracy {test_acc:.4f} "
+              f"(best val {meta['best_val']:.4f} at step {meta['best_step']}), {cfg.train.steps} steps "
+              f"in {results['seconds']:.0f} s on {acc.num_processes} process(es); results in {out_dir}/metrics.json",
+              flush=True)
+    acc.end_training()
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        raw = C.raw_tree(args.config, args.overrides)
+        cfg = C.from_dict(C.Config, raw)
+        train(cfg, raw)
+    except (C.ConfigError, data.DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

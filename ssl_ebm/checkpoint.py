@@ -1,0 +1,151 @@
+"""Checkpoints on any fsspec storage (file://, memory://, s3:// with s3fs installed).
+
+Layout under the checkpoint URL:
+
+    step-000200/model.pt        weights of the one module (encoder, generator, prior)
+    step-000200/optimizer.pt    optimizer and learning-rate schedule
+    step-000200/rank-00000.pt   one per process: its persistent chains and RNG states
+    step-000200/config.yaml     the resolved config
+    step-000200/meta.json       step, world size, extra state (best validation, NaN skips, ...)
+    step-000200/COMPLETE        written last; a directory without it is ignored
+    best-000150/...             the weights that scored best on validation, same rule
+
+A save killed halfway leaves a directory without COMPLETE, so it never looks complete, and the
+previous checkpoint stays loadable. Only directories older than the newest complete one are removed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+
+import fsspec
+import torch
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^(step|best)-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint location or file that cannot be used; the message says what to do."""
+
+
+class CheckpointStore:
+    """Save, list, load and prune checkpoints under one fsspec URL."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:
+            raise CheckpointError(f"checkpoint location {url!r} cannot be opened: {e}") from None
+        self.root = self.root.rstrip("/")
+
+    # ------------------------------------------------------------------ paths
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def dir_name(self, kind: str, step: int) -> str:
+        return f"{kind}-{step:06d}"
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    # ------------------------------------------------------------------ checks
+    def check_writable(self) -> None:
+        """Fail before training starts if nothing can be written here."""
+        probe = self._path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "wb") as f:
+                f.write(b"ok")
+            self.fs.rm(probe)
+        except Exception as e:  # noqa: BLE001 - any storage error means the same to the user
+            raise CheckpointError(
+                f"checkpoint location {self.url!r} is not writable ({type(e).__name__}: {e}); "
+                "set train.checkpoint_dir (or train.out_dir) to a location you can write") from None
+
+    # ------------------------------------------------------------------ writing
+    def write_bytes(self, name: str, filename: str, data: bytes) -> None:
+        self.fs.makedirs(self._path(name), exist_ok=True)
+        with self.fs.open(self._path(name, filename), "wb") as f:
+            f.write(data)
+
+    def write_torch(self, name: str, filename: str, obj) -> None:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.write_bytes(name, filename, buf.getvalue())
+
+    def write_json(self, name: str, filename: str, obj) -> None:
+        self.write_bytes(name, filename, json.dumps(obj, indent=2).encode())
+
+    def mark_complete(self, name: str) -> None:
+        self.write_bytes(name, MARKER, b"")
+
+    # ------------------------------------------------------------------ reading
+    def complete(self, kind: str = "step") -> list[tuple[int, str]]:
+        """(step, name) of every complete checkpoint of `kind`, oldest first."""
+        if not self.fs.exists(self.root):
+            return []
+        out = []
+        for entry in self.fs.ls(self.root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            m = _STEP_RE.match(name)
+            if m and m.group(1) == kind and self.fs.exists(self._path(name, MARKER)):
+                out.append((int(m.group(2)), name))
+        return sorted(out)
+
+    def latest(self, kind: str = "step") -> str | None:
+        found = self.complete(kind)
+        return found[-1][1] if found else None
+
+    def read_torch(self, name: str, filename: str, map_location="cpu"):
+        path = self._path(name, filename)
+        try:
+            with self.fs.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint file {self.url_of(name)}/{filename} is missing; "
+                                  "the checkpoint is damaged: delete it or resume from another") from None
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+    def read_json(self, name: str, filename: str):
+        with self.fs.open(self._path(name, filename), "rb") as f:
+            return json.loads(f.read())
+
+    def exists(self, name: str, filename: str) -> bool:
+        return self.fs.exists(self._path(name, filename))
+
+    # ------------------------------------------------------------------ pruning
+    def prune(self, kind: str, keep: int) -> None:
+        """Keep the newest `keep` complete checkpoints of `kind`; drop older ones and dead partial saves."""
+        found = self.complete(kind)
+        if not found:
+            return
+        newest = found[-1][0]
+        doomed = {name for _, name in found[:-keep]} if keep > 0 else set()
+        for entry in self.fs.ls(self.root, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            m = _STEP_RE.match(name)
+            if m and m.group(1) == kind and int(m.group(2)) < newest and not self.fs.exists(self._path(name, MARKER)):
+                doomed.add(name)
+        for name in doomed:
+            self.fs.rm(self._path(name), recursive=True)
+
+
+def resolve_resume(store: CheckpointStore, resume: str) -> tuple[CheckpointStore, str] | None:
+    """Which checkpoint to resume from: `auto` (newest complete, if any), `never`, or a URL."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        name = store.latest("step")
+        return (store, name) if name else None
+    url = resume.rstrip("/")
+    parent, name = url.rsplit("/", 1)
+    other = CheckpointStore(parent)
+    if not other.exists(name, MARKER):
+        raise CheckpointError(f"train.resume={resume!r} is not a complete checkpoint (no {MARKER} file); "
+                              "use resume=auto, resume=never, or the URL of a complete step-NNNNNN directory")
+    return other, name
