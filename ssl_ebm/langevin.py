@@ -89,7 +89,8 @@ class ChainBank:
     def reinit(self, which: float | torch.Tensor) -> torch.Tensor:
         """Re-initialise chains to p0. `which`: a fraction of the bank chosen at random, an index
         tensor, or a boolean mask of length L. Returns the re-initialised indices."""
-        if isinstance(which, float):
+        if isinstance(which, (float, int)) and not isinstance(which, bool):
+            which = float(which)
             if not 0.0 <= which <= 1.0:
                 raise ValueError(f"reinit fraction must be in [0, 1], got {which}")
             mask = torch.rand(len(self), generator=self.generator, device=self.device) < which
@@ -132,8 +133,9 @@ def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, 
             raise ValueError("persistent sampling needs a ChainBank; pass one or set sampler.persistent=false")
         idx_N, z_NZ = bank.draw(n)
         if cfg.reinit_frac > 0:
-            fresh_N = torch.rand(n, generator=bank.generator, device=bank.device) < cfg.reinit_frac
-            z_NZ[fresh_N] = bank.sample_p0(int(fresh_N.sum()))
+            # Draw n fresh candidates and keep them where a coin says so: no host sync on the count.
+            fresh_N1 = torch.rand((n, 1), generator=bank.generator, device=bank.device) < cfg.reinit_frac
+            z_NZ = torch.where(fresh_N1, bank.sample_p0(n), z_NZ)
         generator = bank.generator
     else:
         z_NZ = sigma0 * _randn((n, prior.z_dim), generator, torch.device(device))

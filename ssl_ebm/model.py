@@ -1,0 +1,113 @@
+"""The one trainable module: encoder q(z|x), generator p(x|z), latent EBM prior f(z), and its loss.
+
+The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity to minimise):
+    unlabelled x:  mean_B[ -log p(x|z+) + KL(q(z|x) || p0) - F(z+) ] + mean_N F(z-)
+    labelled (x, y): labelled_weight * cross_entropy(f(z+), y)
+    optional:        energy_penalty * (mean F(z+)^2 + mean F(z-)^2)
+with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
+The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
++F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
+sees only the reconstruction term. Sign convention of F: see nets/prior.py.
+
+Shapes: B unlabelled batch, M labelled batch, N negative chains, Z latent dim, K classes.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_ebm.config import ModelConfig, OptimConfig
+from ssl_ebm.likelihood import kl_to_p0, log_likelihood
+from ssl_ebm.nets import Prior, build_encoder, build_generator
+
+
+class LatentEBM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg)
+        self.generator = build_generator(cfg)
+        self.prior = Prior(cfg)
+
+    def _check_x(self, x: torch.Tensor, name: str) -> None:
+        if tuple(x.shape[1:]) != self.cfg.x_shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, self.cfg.x_shape))})"
+                             " from model.x_shape")
+
+    def forward(self, x_u: torch.Tensor | None = None, x_l: torch.Tensor | None = None,
+                y_l: torch.Tensor | None = None, z_neg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms; "loss" is the scalar to backpropagate, the rest are detached fp32 scalars.
+
+        Either part may be missing: x_u=None (with z_neg=None) is the supervised-only baseline,
+        whose loss involves only encoder and prior; x_l=y_l=None is unlabelled-only. Every key is
+        always present; the terms of a missing part are 0 ("recon", "kl", "F_pos", "F_neg",
+        "z_neg_norm" without x_u; "ce", "acc_l" without x_l).
+        The eps of z+ is drawn once, from the global RNG, for the batch [x_u; x_l], which also
+        goes through the encoder as one batch (one set of BatchNorm statistics).
+        """
+        cfg = self.cfg
+        if x_u is None and x_l is None:
+            raise ValueError("forward needs unlabelled x_u (with z_neg), labelled x_l (with y_l), or both")
+        if (x_l is None) != (y_l is None):
+            raise ValueError("pass labelled x_l and y_l together")
+        if x_u is not None and z_neg is None:
+            raise ValueError("x_u needs negative samples z_neg (draw them with langevin.sample_negatives)")
+        xs = []
+        if x_u is not None:
+            self._check_x(x_u, "x_u")
+            xs.append(x_u)
+        if x_l is not None:
+            self._check_x(x_l, "x_l")
+            xs.append(x_l)
+        n_u = 0 if x_u is None else x_u.shape[0]
+
+        # Algorithm 1, step 3: z+ ~ q(z|x) by the reparameterisation trick; losses in fp32.
+        mu, logvar = self.encoder(torch.cat(xs) if len(xs) > 1 else xs[0])
+        mu, logvar = mu.float(), logvar.float()
+        z_pos = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+        zero = mu.new_zeros(())
+        loss = zero
+        out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_neg_norm=zero, ce=zero, acc_l=zero)
+        if x_u is not None:
+            z_pos_BZ = z_pos[:n_u]
+            z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
+            recon_B = log_likelihood(cfg.likelihood, x_u, self.generator(z_pos_BZ).float(), cfg.obs_sigma)
+            kl_B = kl_to_p0(mu[:n_u], logvar[:n_u], cfg.sigma0)
+            F_pos_B = self.prior.free_energy(z_pos_BZ)
+            F_neg_N = self.prior.free_energy(z_neg_NZ)
+            # Steps 4-5: -(ELBO + F(z+)) for encoder/generator, -(F(z+) - F(z-)) for the prior (eqs. 10-11).
+            loss = (-recon_B + kl_B - F_pos_B).mean() + F_neg_N.mean()
+            if cfg.energy_penalty > 0:
+                loss = loss + cfg.energy_penalty * (F_pos_B.pow(2).mean() + F_neg_N.pow(2).mean())
+            out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
+                       z_neg_norm=z_neg_NZ.norm(dim=1).mean())
+        if x_l is not None:
+            # Step 6: log softmax(f(z+))_y for the labelled examples, into prior and encoder.
+            logits_MK = self.prior(z_pos[n_u:])
+            ce = F.cross_entropy(logits_MK, y_l)
+            loss = loss + cfg.labelled_weight * ce
+            out.update(ce=ce, acc_l=(logits_MK.argmax(-1) == y_l).float().mean())
+        out = {k: v.detach() for k, v in out.items()}
+        out.update(loss=loss, logvar_min=logvar.min().detach(), logvar_max=logvar.max().detach())
+        return out
+
+    def free_energy(self, z_BZ: torch.Tensor) -> torch.Tensor:
+        """F(z) = logsumexp f(z) (eq. 5), shape (B,)."""
+        return self.prior.free_energy(z_BZ)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """f(mu(x)), (B, K): eq. 12 with q(z|x) replaced by its mean; argmax gives the class."""
+        mu, _ = self.encoder(x)
+        return self.prior(mu)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """p(y|x) ~ softmax(f(mu(x))), (B, K)."""
+        return torch.softmax(self.predict_logits(x), dim=-1)
+
+    def param_groups(self, optim: OptimConfig) -> list[dict]:
+        """Adam parameter groups with the per-part learning rates of Algorithm 1 (eta_0, eta_1, eta_2)."""
+        parts = (("encoder", self.encoder, optim.lr_encoder), ("generator", self.generator, optim.lr_generator),
+                 ("prior", self.prior, optim.lr_prior))
+        return [{"name": name, "params": [p for p in part.parameters() if p.requires_grad], "lr": lr,
+                 "weight_decay": optim.weight_decay} for name, part, lr in parts]

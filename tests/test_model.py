@@ -1,0 +1,168 @@
+"""LatentEBM: the one total loss has exactly the gradients of Algorithm 1, steps 4-6."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssl_ebm.config import ModelConfig, OptimConfig
+from ssl_ebm.model import LatentEBM
+
+PAIRINGS = {
+    "wrn+deconv 1x28x28": dict(encoder="wrn", generator="deconv", x_shape=(1, 28, 28)),
+    "wrn+deconv 3x32x32": dict(encoder="wrn", generator="deconv", x_shape=(3, 32, 32)),
+    "mlp+mlp gaussian": dict(encoder="mlp", generator="mlp", x_shape=(16,)),
+    "mlp+mlp multinomial": dict(encoder="mlp", generator="mlp", likelihood="multinomial", x_shape=(30,)),
+}
+TINY = dict(z_dim=6, num_classes=3, hidden=16, prior_hidden=16, wrn_depth=10, wrn_width=1, gen_channels=4)
+KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_neg_norm", "ce", "acc_l", "logvar_min", "logvar_max"}
+
+
+def make(name: str, seed: int = 0, **kw) -> LatentEBM:
+    torch.manual_seed(seed)
+    return LatentEBM(ModelConfig(**{**TINY, **PAIRINGS[name], **kw}))
+
+
+def batch(model: LatentEBM, n_u: int = 5, n_l: int = 3, n_neg: int = 7):
+    cfg = model.cfg
+    if cfg.likelihood == "multinomial":
+        x = torch.randint(0, 4, (n_u + n_l, *cfg.x_shape)).float()
+    else:
+        x = torch.rand(n_u + n_l, *cfg.x_shape) * 2 - 1
+    y = torch.randint(0, cfg.num_classes, (n_l,))
+    return x[:n_u], x[n_u:], y, torch.randn(n_neg, cfg.z_dim)
+
+
+def algorithm_1_grads(model, x_u, x_l, y_l, z_neg, seed):
+    """Steps 4-6 of Algorithm 1, each from the paper's equations, as separate gradients to descend."""
+    cfg, n_u = model.cfg, len(x_u)
+    torch.manual_seed(seed)  # same eps as forward: one draw for [x_u; x_l]
+    mu, logvar = model.encoder(torch.cat([x_u, x_l]))
+    z_pos = mu + torch.exp(logvar / 2) * torch.randn_like(mu)
+    mu_u, logvar_u, z_u, z_l = mu[:n_u], logvar[:n_u], z_pos[:n_u], z_pos[n_u:]
+
+    out = model.generator(z_u).flatten(1)
+    x = x_u.flatten(1)
+    if cfg.likelihood == "gaussian":
+        s, d = cfg.obs_sigma, x.shape[1]
+        recon = (-((x - out) ** 2).sum(1) / (2 * s * s) - d * math.log(s * math.sqrt(2 * math.pi))).mean()
+    else:
+        recon = (x * (out - torch.logsumexp(out, 1, keepdim=True))).sum(1).mean()
+    s0sq = cfg.sigma0**2
+    kl = (0.5 * (logvar_u.exp() / s0sq + mu_u**2 / s0sq - 1 - logvar_u + math.log(s0sq))).sum(1).mean()
+    elbo = recon - kl
+
+    def energy(z):  # eq. 5, straight from the logits
+        return torch.logsumexp(model.prior.net(z), 1)
+
+    F_pos, F_neg = energy(z_u), energy(z_neg)
+    log_p_y = torch.log_softmax(model.prior.net(z_l), 1)[torch.arange(len(y_l)), y_l].mean()
+    supervised = -cfg.labelled_weight * log_p_y  # step 6
+    penalty = cfg.energy_penalty * (F_pos.pow(2).mean() + F_neg.pow(2).mean())
+
+    prior_objective = -(F_pos.mean() - F_neg.mean()) + supervised + penalty  # step 4 (eq. 10) + step 6
+    encoder_objective = -(elbo + F_pos.mean()) + supervised + penalty  # step 5 (eq. 11) + step 6
+    generator_objective = -recon  # step 5 (eq. 11): only log p(x|z) depends on beta
+    grads = {}
+    for part, objective in (("prior", prior_objective), ("encoder", encoder_objective),
+                            ("generator", generator_objective)):
+        named = list(getattr(model, part).named_parameters())
+        gs = torch.autograd.grad(objective, [p for _, p in named], retain_graph=True)
+        grads.update({f"{part}.{n}": g for (n, _), g in zip(named, gs)})
+    return grads
+
+
+@pytest.mark.parametrize("name", ["mlp+mlp gaussian", "mlp+mlp multinomial", "wrn+deconv 3x32x32"])
+@pytest.mark.parametrize("labelled_weight, energy_penalty", [(1.0, 0.0), (2.5, 0.1)])
+def test_total_loss_gradient_is_algorithm_1(name, labelled_weight, energy_penalty):
+    model = make(name, labelled_weight=labelled_weight, energy_penalty=energy_penalty, sigma0=0.8)
+    data = batch(model)
+    # Two passes in training mode: BatchNorm uses batch statistics, so both see the same numbers.
+    expected = algorithm_1_grads(model, *data, seed=11)
+    torch.manual_seed(11)
+    model(*data)["loss"].backward()
+    for n, p in model.named_parameters():
+        scale = expected[n].abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-5 * scale.item(), msg=n)
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+def test_every_parameter_gets_a_finite_nonzero_gradient(name):
+    model = make(name)
+    out = model(*batch(model))
+    assert set(out) == KEYS
+    for k, v in out.items():
+        assert v.shape == () and v.dtype == torch.float32 and torch.isfinite(v), k
+        assert v.requires_grad == (k == "loss"), k
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+def test_supervised_only_involves_encoder_and_prior():
+    model = make("wrn+deconv 1x28x28")
+    _, x_l, y_l, _ = batch(model)
+    out = model(None, x_l, y_l, None)
+    assert out["recon"] == out["kl"] == out["F_pos"] == out["F_neg"] == 0
+    torch.testing.assert_close(out["loss"].detach(), out["ce"])
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        if n.startswith("generator."):
+            assert p.grad is None, n
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_unlabelled_only():
+    model = make("mlp+mlp gaussian")
+    x_u, _, _, z_neg = batch(model)
+    out = model(x_u, None, None, z_neg)
+    assert out["ce"] == out["acc_l"] == 0
+    torch.testing.assert_close(out["loss"].detach(), -out["recon"] + out["kl"] - out["F_pos"] + out["F_neg"])
+
+
+def test_bad_calls_are_clear():
+    model = make("mlp+mlp gaussian")
+    x_u, x_l, y_l, z_neg = batch(model)
+    with pytest.raises(ValueError, match="z_neg"):
+        model(x_u, x_l, y_l, None)
+    with pytest.raises(ValueError, match="model.x_shape"):
+        model(x_u[:, :8], x_l, y_l, z_neg)
+    with pytest.raises(ValueError, match="x_l and y_l"):
+        model(x_u, x_l, None, z_neg)
+
+
+def test_bf16_autocast_losses_are_fp32_and_close():
+    model = make("wrn+deconv 3x32x32")
+    data = batch(model)
+    torch.manual_seed(0)
+    ref = model(*data)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(*data)
+    for k in ("loss", "recon", "kl", "F_pos", "F_neg", "ce"):
+        assert mixed[k].dtype == torch.float32
+        torch.testing.assert_close(mixed[k], ref[k], rtol=0.05, atol=0.05, msg=k)
+
+
+def test_prediction_is_argmax_of_f_at_the_mean():
+    model = make("mlp+mlp gaussian").eval()
+    x = batch(model)[0]
+    logits = model.predict_logits(x)
+    mu, _ = model.encoder(x)
+    torch.testing.assert_close(logits, model.prior(mu))
+    proba = model.predict_proba(x)
+    torch.testing.assert_close(proba.sum(1), torch.ones(len(x)))
+    assert torch.equal(proba.argmax(1), logits.argmax(1))
+    torch.testing.assert_close(model.free_energy(mu), torch.logsumexp(logits, 1))
+
+
+def test_param_groups_partition_the_parameters():
+    model = make("mlp+mlp gaussian")
+    optim = OptimConfig(lr_prior=1e-5, lr_generator=2e-3, lr_encoder=3e-3)
+    groups = model.param_groups(optim)
+    assert [(g["name"], g["lr"]) for g in groups] == [("encoder", 3e-3), ("generator", 2e-3), ("prior", 1e-5)]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
+    torch.optim.Adam(groups, betas=optim.betas)  # accepted as is
