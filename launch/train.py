@@ -20,10 +20,14 @@ import torch
 
 from ssl_ebm import config as C
 from ssl_ebm import data, logs, runtime
-from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, resolve_resume
+from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, load_training_state, resolve_resume, save_training_state
 from ssl_ebm.langevin import ChainBank, sample_negatives
 from ssl_ebm.metrics import evaluate
 from ssl_ebm.model import LatentEBM
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written."""
 
 
 class TrainingError(RuntimeError):
@@ -67,46 +71,12 @@ def tensorboard_dir(out_dir: str) -> str:
     return tempfile.mkdtemp(prefix="ssl_ebm_tb_")
 
 
-def save_checkpoint(store, name, acc, model, optimizer, scheduler, bank, cfg, meta):
-    """Every rank writes its chains and RNG; the main process writes the rest, then COMPLETE."""
-    rank_state = {"rng": runtime.RngState.capture().to_dict(), "bank": bank.state_dict() if bank else None}
-    store.write_torch(name, f"rank-{acc.process_index:05d}.pt", rank_state)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        store.write_torch(name, "model.pt", acc.unwrap_model(model).state_dict())
-        store.write_torch(name, "optimizer.pt", {"optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict()})
-        store.write_bytes(name, "config.yaml", C.dump_config(cfg).encode())
-        store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes})
-        store.mark_complete(name)
-        store.prune(name.split("-")[0], cfg.train.keep_last if name.startswith("step") else 1)
-    acc.wait_for_everyone()
-
-
-def load_checkpoint(store, name, acc, model, optimizer, scheduler, bank) -> dict:
-    acc.unwrap_model(model).load_state_dict(store.read_torch(name, "model.pt"))
-    opt = store.read_torch(name, "optimizer.pt")
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    meta = store.read_json(name, "meta.json")
-    rank_file = f"rank-{acc.process_index:05d}.pt"
-    if store.exists(name, rank_file) and meta["world_size"] == acc.num_processes:
-        state = store.read_torch(name, rank_file)
-        if bank is not None and state["bank"] is not None:
-            bank.load_state_dict(state["bank"])
-        runtime.RngState.from_dict(state["rng"]).restore()
-    else:
-        acc.print(f"note: {store.url_of(name)} was saved by {meta['world_size']} processes, this run has "
-                  f"{acc.num_processes}: weights and optimizer resume, chains and RNG start fresh")
-    return meta
-
-
 def run_eval(acc, model, url: str, split: str, cfg: C.Config) -> dict:
     net = acc.unwrap_model(model)
     net.eval()
     batches = data.eval_batches(url, split, batch_size=cfg.data.eval_batch, rank=acc.process_index,
                                 world_size=acc.num_processes, num_workers=cfg.data.workers)
-    with acc.autocast():
+    with acc.autocast(), runtime.full_params(acc, net):
         out = evaluate(net.predict_logits, batches, cfg.model.num_classes, acc.device)
     net.train()
     return out
@@ -147,7 +117,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
     meta = {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0}
     found = resolve_resume(store, cfg.train.resume)
     if found is not None:
-        meta = load_checkpoint(*found, acc, model, optimizer, scheduler, bank)
+        meta = load_training_state(*found, acc, model, optimizer, scheduler, bank)
         acc.print(f"resumed from {found[0].url_of(found[1])} at step {meta['step']}")
     start = meta["step"]
     jsonl = logs.JsonlLog(f"{out_dir}/log.jsonl") if acc.is_main_process else None
@@ -166,18 +136,24 @@ def train(cfg: C.Config, raw: dict) -> dict:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    preemption = runtime.Preemption()
     t_log, n_log = time.time(), 0
     for step in range(start, cfg.train.steps):
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(stream).items()}
         with acc.accumulate(model):
             z_neg = None
             if ebm:  # Algorithm 1 step 2: update persistent chains, then pool the negatives of all ranks
-                z_neg = runtime.gather(acc, sample_negatives(net.prior, bank, num_chains, cfg.sampler,
-                                                             cfg.model.sigma0, device=acc.device))
+                with runtime.full_params(acc, net.prior):
+                    z_neg_local = sample_negatives(net.prior, bank, num_chains, cfg.sampler, cfg.model.sigma0,
+                                                   device=acc.device)
+                z_neg = runtime.gather(acc, z_neg_local)
             terms = model(batch["x_u"] if ebm else None, batch["x_l"], batch["y_l"], z_neg)  # steps 3-6
             loss = terms["loss"]
             acc.backward(loss)
-            finite = bool(runtime.gather(acc, torch.isfinite(loss.detach()).reshape(1)).all())
+            # One small gather per step: is the loss finite everywhere, and has any rank been told to stop?
+            status = runtime.gather(acc, torch.stack([torch.isfinite(loss.detach()),
+                                                      torch.tensor(preemption.requested, device=acc.device)]))
+            finite, stop_requested = bool(status[0::2].all()), bool(status[1::2].any())
             if not finite:
                 if cfg.train.on_nan == "stop":
                     raise TrainingError(f"loss is {loss.item()} at step {step + 1}; lower the learning rates, "
@@ -200,7 +176,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
             progress.update(1)
 
         if cfg.train.log_every and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
-            record = {k: float(v) for k, v in terms.items()}
+            record = {k: float(v.detach()) for k, v in terms.items()}
             record.update(step=done, lr_prior=scheduler.get_last_lr()[-1], nan_skips=meta["nan_skips"],
                           steps_per_s=n_log / max(time.time() - t_log, 1e-9))
             t_log, n_log = time.time(), 0
@@ -232,12 +208,19 @@ def train(cfg: C.Config, raw: dict) -> dict:
                 jsonl.flush()
             if val["accuracy"] > meta["best_val"]:
                 meta.update(best_val=val["accuracy"], best_step=done)
-                save_checkpoint(store, store.dir_name("best", done), acc, model, optimizer, scheduler, bank,
+                save_training_state(store, store.dir_name("best", done), acc, model, optimizer, scheduler, bank,
                                 cfg, {**meta, "step": done})
 
         if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
-            save_checkpoint(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank, cfg,
+            save_training_state(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank, cfg,
                             {**meta, "step": done})
+        if stop_requested:  # preempted: save where we are and ask the scheduler to requeue us
+            if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                save_training_state(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank,
+                                    cfg, {**meta, "step": done})
+            acc.print(f"stop signal received: checkpoint at step {done} written to {store.url}; exiting "
+                      f"with status {runtime.Preemption.EXIT_CODE} so the job is requeued")
+            raise Preempted()
     if progress is not None:
         progress.close()
 
@@ -271,6 +254,8 @@ def main(argv=None) -> int:
     except (C.ConfigError, data.DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Preempted:
+        return runtime.Preemption.EXIT_CODE
     return 0
 
 

@@ -24,6 +24,9 @@ import uuid
 import fsspec
 import torch
 
+from ssl_ebm import config as C
+from ssl_ebm.runtime import RngState
+
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^(step|best)-(\d+)$")
 
@@ -149,3 +152,52 @@ def resolve_resume(store: CheckpointStore, resume: str) -> tuple[CheckpointStore
         raise CheckpointError(f"train.resume={resume!r} is not a complete checkpoint (no {MARKER} file); "
                               "use resume=auto, resume=never, or the URL of a complete step-NNNNNN directory")
     return other, name
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def save_training_state(store: CheckpointStore, name: str, acc, model, optimizer, scheduler, bank, cfg,
+                        meta: dict) -> None:
+    """Every rank writes its chains and RNG states; the main process writes the rest, then COMPLETE."""
+    rank_state = {"rng": RngState.capture().to_dict(), "bank": bank.state_dict() if bank else None}
+    store.write_torch(name, f"rank-{acc.process_index:05d}.pt", rank_state)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        store.write_torch(name, "model.pt", acc.unwrap_model(model).state_dict())
+        store.write_torch(name, "optimizer.pt", {"optimizer": optimizer.state_dict(),
+                                                 "scheduler": scheduler.state_dict()})
+        store.write_bytes(name, "config.yaml", C.dump_config(cfg).encode())
+        store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes})
+        store.mark_complete(name)
+        kind = name.split("-")[0]
+        store.prune(kind, cfg.train.keep_last if kind == "step" else 1)
+    acc.wait_for_everyone()
+
+
+def load_training_state(store: CheckpointStore, name: str, acc, model, optimizer, scheduler, bank) -> dict:
+    """Restore what `save_training_state` wrote; returns its meta (step, best validation, ...)."""
+    acc.unwrap_model(model).load_state_dict(store.read_torch(name, "model.pt"))
+    opt = store.read_torch(name, "optimizer.pt")
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    meta = store.read_json(name, "meta.json")
+    rank_file = f"rank-{acc.process_index:05d}.pt"
+    if store.exists(name, rank_file) and meta["world_size"] == acc.num_processes:
+        state = store.read_torch(name, rank_file)
+        if bank is not None and state["bank"] is not None:
+            bank.load_state_dict(state["bank"])
+        RngState.from_dict(state["rng"]).restore()
+    else:
+        acc.print(f"note: {store.url_of(name)} was saved by {meta['world_size']} processes, this run has "
+                  f"{acc.num_processes}: weights and optimizer resume, chains and RNG start fresh")
+    return meta
+
+
+def load_weights(url: str) -> dict:
+    """The model state dict of a checkpoint directory URL (for evaluation and prediction)."""
+    parent, name = url.rstrip("/").rsplit("/", 1)
+    store = CheckpointStore(parent)
+    if not store.exists(name, MARKER):
+        raise CheckpointError(f"{url!r} is not a complete checkpoint (no {MARKER} file)")
+    return store.read_torch(name, "model.pt")

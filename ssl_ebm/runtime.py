@@ -6,8 +6,10 @@ single process, as the launcher says), gathers tensors across processes, and ans
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +31,12 @@ def make_accelerator(cfg: Config, logging_dir: str | None = None):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = [] if _cuda() else [InitProcessGroupKwargs(backend="gloo")]
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # The supervised baseline leaves the generator without gradients; DDP must not wait for them.
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.train.method != "ebm")]
+    if not _cuda() and local_world()[1] > 1:  # gloo on CPU; with one process there is no group at all
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     kwargs = dict(
         cpu=not _cuda(),
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -121,3 +128,41 @@ class RngState:
 def local_world() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment, before any Accelerator exists."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@contextlib.contextmanager
+def full_params(accelerator, module):
+    """Use `module`'s parameters outside the engine's forward (Langevin, evaluation).
+
+    Under ZeRO-3 every rank holds only a shard of each parameter; gather them for the duration.
+    Elsewhere this does nothing.
+    """
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 (SLURM's warning signal before preemption or the time limit) set a flag.
+
+    The loop checks the flag with its per-step status gather, writes a checkpoint and exits with
+    `EXIT_CODE`, which the SLURM scripts take as "requeue me".
+    """
+
+    EXIT_CODE = 75  # EX_TEMPFAIL
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.signum: int | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None

