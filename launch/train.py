@@ -149,27 +149,29 @@ def train(cfg: C.Config, raw: dict) -> dict:
                 z_neg = runtime.gather(acc, z_neg_local)
             terms = model(batch["x_u"] if ebm else None, batch["x_l"], batch["y_l"], z_neg)  # steps 3-6
             loss = terms["loss"]
-            acc.backward(loss)
-            # One small gather per step: is the loss finite everywhere, and has any rank been told to stop?
+            # One small gather per step, before backward so that every rank takes the same branch (and
+            # DeepSpeed, which steps inside backward, never applies a non-finite update): is the loss
+            # finite everywhere, and has any rank been told to stop?
             status = runtime.gather(acc, torch.stack([torch.isfinite(loss.detach()),
                                                       torch.tensor(preemption.requested, device=acc.device)]))
             finite, stop_requested = bool(status[0::2].all()), bool(status[1::2].any())
-            if not finite:
-                if cfg.train.on_nan == "stop":
-                    raise TrainingError(f"loss is {loss.item()} at step {step + 1}; lower the learning rates, "
-                                        "enable optim.grad_clip, or set train.on_nan=skip")
-                meta["nan_skips"] += 1
-                if meta["nan_skips"] > cfg.train.max_nan_skips:
-                    raise TrainingError(f"{meta['nan_skips']} non-finite losses by step {step + 1} "
-                                        f"(train.max_nan_skips={cfg.train.max_nan_skips}); the run has diverged")
-                optimizer.zero_grad(set_to_none=True)
-            else:
+            if finite:
+                acc.backward(loss)
                 if acc.sync_gradients and cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 if acc.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            elif cfg.train.on_nan == "stop":
+                raise TrainingError(f"non-finite loss ({loss.item()} on rank {acc.process_index}) at step "
+                                    f"{step + 1}; lower the learning rates, enable optim.grad_clip, or set "
+                                    "train.on_nan=skip")
+            else:  # skip this update and count it
+                meta["nan_skips"] += 1
+                if meta["nan_skips"] > cfg.train.max_nan_skips:
+                    raise TrainingError(f"{meta['nan_skips']} non-finite losses by step {step + 1} "
+                                        f"(train.max_nan_skips={cfg.train.max_nan_skips}); the run has diverged")
         done = step + 1
         n_log += 1
         if progress is not None:
