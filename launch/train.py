@@ -189,8 +189,9 @@ def train(cfg: C.Config, raw: dict) -> dict:
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3g}", ce=f"{record.get('ce', 0):.3g}")
 
-        if image_data and cfg.train.image_every and done % cfg.train.image_every == 0 and acc.is_main_process:
-            with torch.no_grad():
+        if image_data and cfg.train.image_every and done % cfg.train.image_every == 0:
+            # Every rank runs the nets (under ZeRO-3 that gathers parameters, a collective); rank 0 writes.
+            with torch.no_grad(), runtime.full_params(acc, net):
                 x = batch["x_u"][:64] if ebm and len(batch["x_u"]) else batch["x_l"][:64]
                 net.eval()
                 recon = net.generator(net.encoder(x)[0]).float()
@@ -199,7 +200,8 @@ def train(cfg: C.Config, raw: dict) -> dict:
                 if z_neg is not None:
                     grids["prior_samples"] = net.generator(z_neg[:64]).float()
                 for kind, imgs in grids.items():
-                    logs.save_png(f"{out_dir}/images/{kind}-{done:06d}.png", logs.image_grid(imgs))
+                    if acc.is_main_process:
+                        logs.save_png(f"{out_dir}/images/{kind}-{done:06d}.png", logs.image_grid(imgs))
 
         if splits.get("val", {}).get("count", 0) and (
                 (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
@@ -227,15 +229,19 @@ def train(cfg: C.Config, raw: dict) -> dict:
         progress.close()
 
     # ---- teardown: test the weights that were best on validation (never chosen on test)
+    with runtime.full_params(acc, net):  # a cheap check that every rank ends with the same weights
+        checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
+    checksums = runtime.gather(acc, checksum.to(acc.device)).tolist()
     best = store.latest("best")
     if best is not None:
-        net.load_state_dict(store.read_torch(best, "model.pt"))
+        with runtime.full_params(acc, net, modify=True):  # ZeRO-3: load into the gathered parameters
+            net.load_state_dict(store.read_torch(best, "model.pt"))
     results = {"dataset": manifest.get("dataset", ""), "method": cfg.train.method, "steps": cfg.train.steps,
                "best_step": meta["best_step"], "val_accuracy": meta["best_val"], "nan_skips": meta["nan_skips"],
-               "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes}
-    for split in ("test",):
-        if splits.get(split, {}).get("count", 0):
-            results[split] = run_eval(acc, model, url, split, cfg)
+               "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes,
+               "rank_param_checksums": checksums}
+    if splits.get("test", {}).get("count", 0):
+        results["test"] = run_eval(acc, model, url, "test", cfg)
     if acc.is_main_process:
         logs.write_json(f"{out_dir}/metrics.json", results)
         test_acc = results.get("test", {}).get("accuracy", float("nan"))

@@ -247,6 +247,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), path,
                f"expected a number, got {value!r}")
         return float(value)

@@ -35,7 +35,8 @@ class LatentEBM(nn.Module):
                              " from model.x_shape")
 
     def forward(self, x_u: torch.Tensor | None = None, x_l: torch.Tensor | None = None,
-                y_l: torch.Tensor | None = None, z_neg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                y_l: torch.Tensor | None = None, z_neg: torch.Tensor | None = None,
+                eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms; "loss" is the scalar to backpropagate, the rest are detached fp32 scalars.
 
         Either part may be missing: x_u=None (with z_neg=None) is the supervised-only baseline,
@@ -43,7 +44,8 @@ class LatentEBM(nn.Module):
         always present; the terms of a missing part are 0 ("recon", "kl", "F_pos", "F_neg",
         "z_neg_norm" without x_u; "ce", "acc_l" without x_l).
         The eps of z+ is drawn once, from the global RNG, for the batch [x_u; x_l], which also
-        goes through the encoder as one batch (one set of BatchNorm statistics).
+        goes through the encoder as one batch (one set of BatchNorm statistics). Pass `eps`
+        ((B + M, Z), for [x_u; x_l]) to supply that noise instead, e.g. to compare two computations.
         """
         cfg = self.cfg
         if x_u is None and x_l is None:
@@ -64,7 +66,11 @@ class LatentEBM(nn.Module):
         # Algorithm 1, step 3: z+ ~ q(z|x) by the reparameterisation trick; losses in fp32.
         mu, logvar = self.encoder(torch.cat(xs) if len(xs) > 1 else xs[0])
         mu, logvar = mu.float(), logvar.float()
-        z_pos = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        elif eps.shape != mu.shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)}; expected {tuple(mu.shape)} (one row per x_u, x_l)")
+        z_pos = mu + torch.exp(0.5 * logvar) * eps.to(mu)
 
         zero = mu.new_zeros(())
         loss = zero

@@ -1,0 +1,222 @@
+"""launch/train.py end to end: the default run, two processes, bitwise resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_train
+
+DIGITS = str(REPO / "configs" / "digits.yaml")
+
+
+def tiny(shards: str, out: Path | str, *extra: str) -> list[str]:
+    return ["--config", DIGITS, *TINY, f"data.shards={shards}", f"train.out_dir={out}", *extra]
+
+
+def weights(ckpt_dir: Path, step: int) -> dict:
+    return torch.load(ckpt_dir / f"step-{step:06d}" / "model.pt", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_default_run_writes_everything(digits_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(tiny(digits_shards, out, "train.steps=30", "train.checkpoint_every=10"))
+    assert "test accuracy" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = json.loads((Path(digits_shards) / "manifest.json").read_text())
+    assert metrics["test"]["count"] == manifest["splits"]["test"]["count"] > 0
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    assert len(metrics["test"]["per_class_accuracy"]) == 10 and "macro_f1" in metrics["test"]
+    assert metrics["best_step"] in (10, 20, 30)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30]
+    for r in train_records:
+        for key in ("loss", "recon", "kl", "F_pos", "F_neg", "ce"):
+            assert r[key] == r[key] and abs(r[key]) < 1e6, (key, r)
+    assert any("val_accuracy" in r for r in records)
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "z_dim: 8" in (out / "config.yaml").read_text()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts[-2:] == ["step-000020", "step-000030"] and len([c for c in ckpts if c.startswith("step")]) == 2
+    assert (out / "checkpoints" / "step-000030" / "COMPLETE").exists()
+
+
+def test_supervised_baseline_runs(digits_shards, tmp_path):
+    out = tmp_path / "sup"
+    proc = run_train(tiny(digits_shards, out, "train.steps=20", "train.method=supervised"))
+    assert "supervised: test accuracy" in proc.stdout
+    assert json.loads((out / "metrics.json").read_text())["method"] == "supervised"
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(digits_shards, tmp_path):
+    out = tmp_path / "ddp"
+    run_train(tiny(digits_shards, out, "train.steps=20", "train.checkpoint_every=10"), nproc=2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2
+    a, b = metrics["rank_param_checksums"]
+    assert a == b, "ranks ended with different parameters"
+    step = out / "checkpoints" / "step-000020"
+    assert (step / "rank-00000.pt").exists() and (step / "rank-00001.pt").exists()
+    chains = [torch.load(step / f"rank-{r:05d}.pt", weights_only=False)["bank"]["z"] for r in (0, 1)]
+    assert not torch.equal(chains[0], chains[1]), "each rank keeps its own persistent chains"
+    for r in (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()):
+        assert all(v == v for v in r.values() if isinstance(v, float)), r
+
+
+@pytest.mark.slow
+def test_prior_gradient_two_processes_equals_union(tmp_path):
+    script = str(REPO / "tests" / "scripts" / "prior_grad.py")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, str(one)], check=True, cwd=REPO, env=env, capture_output=True)
+    from conftest import free_port
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), script, str(two)],
+        cwd=REPO, env={**env, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    g1, g2 = torch.load(one), torch.load(two)
+    assert g1["num_processes"] == 1 and g2["num_processes"] == 2
+    assert g1["grads"].keys() == g2["grads"].keys()
+    for name, grad in g1["grads"].items():
+        torch.testing.assert_close(g2["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bitwise_identical(digits_shards, tmp_path):
+    args = ["train.steps=40", "train.checkpoint_every=5", "train.eval_every=0"]
+    ref = tmp_path / "ref"
+    run_train(tiny(digits_shards, ref, *args))
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, *args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = random.Random().choice([10, 15, 20, 25])  # a random point in the run
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / f"step-{kill_after:06d}" / "COMPLETE").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random().uniform(0.0, 0.2))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step-000040").exists(), "killed too late to test anything"
+    run_train(tiny(digits_shards, out, *args))  # resume=auto is the default
+    assert_same_weights(weights(ref / "checkpoints", 40), weights(out / "checkpoints", 40))
+    ref_bank = torch.load(ref / "checkpoints" / "step-000040" / "rank-00000.pt", weights_only=False)["bank"]
+    out_bank = torch.load(out / "checkpoints" / "step-000040" / "rank-00000.pt", weights_only=False)["bank"]
+    assert torch.equal(ref_bank["z"], out_bank["z"]), "persistent chains differ after resume"
+
+
+def _train_in_process(shards: str, out: str, *extra: str) -> dict:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import train as train_script
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    from ssl_ebm import config as C
+
+    raw = C.raw_tree(DIGITS, [*TINY, f"data.shards={shards}", f"train.out_dir={out}", *extra])
+    return train_script.train(C.from_dict(C.Config, raw), raw)
+
+
+def test_memory_checkpoints_resume_and_survive_a_crash_mid_save(digits_shards, monkeypatch):
+    from ssl_ebm import checkpoint
+
+    mem = fsspec.filesystem("memory")
+    args = ["train.steps=30", "train.checkpoint_every=10", "train.eval_every=0"]
+    _train_in_process(digits_shards, "memory://ref", *args)
+
+    # A crash during the save at step 20: files written, COMPLETE never reached.
+    real_mark = checkpoint.CheckpointStore.mark_complete
+
+    def crash_at_20(self, name):
+        if name == "step-000020":
+            raise KeyboardInterrupt("killed mid-save")
+        real_mark(self, name)
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "mark_complete", crash_at_20)
+    with pytest.raises(KeyboardInterrupt):
+        _train_in_process(digits_shards, "memory://crash", *args)
+    monkeypatch.setattr(checkpoint.CheckpointStore, "mark_complete", real_mark)
+    store = checkpoint.CheckpointStore("memory://crash/checkpoints")
+    assert mem.exists("/crash/checkpoints/step-000020/model.pt"), "the crash happened mid-save"
+    assert store.latest() == "step-000010", "a half-written save must not look complete"
+    assert store.read_torch("step-000010", "model.pt"), "the previous checkpoint stays loadable"
+
+    _train_in_process(digits_shards, "memory://crash", *args)  # resume=auto from step 10
+    ref = checkpoint.CheckpointStore("memory://ref/checkpoints").read_torch("step-000030", "model.pt")
+    assert_same_weights(ref, store.read_torch("step-000030", "model.pt"))
+    mem.rm("/ref", recursive=True)
+    mem.rm("/crash", recursive=True)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _fails(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.stpes=5", "train.stpes: unknown config key; did you mean 'train.steps'"),
+    ("train.steps=five", "train.steps: expected an integer"),
+    ("model.encoder=vgg", "model.encoder: unknown value 'vgg'"),
+])
+def test_bad_config_is_one_line(digits_shards, tmp_path, override, fragment):
+    _fails(run_train(tiny(digits_shards, tmp_path / "r", override), check=False), fragment)
+
+
+def test_missing_shards_is_one_line(tmp_path):
+    proc = run_train(tiny(str(tmp_path / "nowhere"), tmp_path / "r", "data.dataset="), check=False)
+    _fails(proc, str(tmp_path / "nowhere"))
+
+
+def test_unwritable_checkpoint_location_detected_before_training(digits_shards, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = run_train(tiny(digits_shards, tmp_path / "r", f"train.checkpoint_dir={blocker}/ckpt"), check=False)
+    _fails(proc, "not writable")
+    assert not (tmp_path / "r" / "log.jsonl").exists(), "training must not start"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(digits_shards, tmp_path):
+    out = tmp_path / "nan"
+    # An absurd prior learning rate makes the energies overflow after the first update.
+    proc = run_train(tiny(digits_shards, out, "optim.lr_prior=1e30", "train.steps=20", "train.checkpoint_every=1"),
+                     check=False)
+    _fails(proc, "non-finite loss")
+    assert "at step 2" in proc.stderr
+    assert (out / "checkpoints" / "step-000001" / "COMPLETE").exists(), "what was saved before stays"
+
+
+def test_nan_loss_skip_counts_then_gives_up(digits_shards, tmp_path):
+    proc = run_train(tiny(digits_shards, tmp_path / "skip", "optim.lr_prior=1e30", "train.steps=20",
+                          "train.on_nan=skip", "train.max_nan_skips=3"), check=False)
+    _fails(proc, "4 non-finite losses by step 5")
