@@ -25,6 +25,17 @@ Protocol (seeded by --seed; everything is recorded in the manifest):
    least one per class); written with the classes interleaved so any contiguous part is balanced;
 5. unlabelled: the rest of the pool, shuffled. By default the labelled examples also feed the
    unlabelled stream (manifest "unlabelled_stream"); --labelled-not-unlabelled turns that off.
+
+manifest.json (format_version 1):
+    dataset, kind ("image" | "vector" | "counts"), x_shape ([C, H, W] | [D] | [V]: what the loaders
+    return), num_classes, class_names, x_field ("npy" | "png" | "jpg" | "bow.npy"), label_field
+    ("cls"), stored_shape / stored_dtype (of x_field: [H, W, C] uint8 | [D] float32 | [2, -1] int32),
+    splits: {split: {count, class_counts (by class index), shards: [{name, count, sha256}]}},
+    unlabelled_stream (the splits that feed it), normalisation (vectors: mean and std per feature),
+    vocab (counts: the words, by id; else null), seed, protocol (what was applied: num_labelled,
+    balance, num_val, test_fraction, balanced_by_truncation, target_bins), source (files read,
+    split_parts: the source part ("train" | "test" | "all") each split's rows index, feature_names),
+    split_indices: {split: [source row of example i of the split, in shard order]}, created_by.
 """
 
 from __future__ import annotations
@@ -321,6 +332,14 @@ def _write_shard(fs: Any, root: str, name: str, samples: Any) -> str:
     return hashing.sha.hexdigest()
 
 
+def _samples(enc: Encoding, part: str, rows: np.ndarray, labels: np.ndarray, indices: range, bar: tqdm) -> Any:
+    """The tar samples of the split examples `indices`: key = index in the split, x field, label."""
+    for i in indices:
+        yield {"__key__": f"{i:08d}", enc.x_field: enc.encode(part, int(rows[i])),
+               LABEL_FIELD: str(int(labels[i])).encode()}
+        bar.update(1)
+
+
 def build(dataset: str, out: str, source: str = "", num_labelled: int | None = None, seed: int = 0,
           **options: Any) -> dict:
     """Read `dataset` from `source`, split it by its protocol and write shards + manifest to `out`.
@@ -351,15 +370,9 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
             shards = []
             for s, start in enumerate(range(0, len(rows), opts["shard_size"])):
                 name = f"{split}-{s:06d}.tar"
-                stop = min(start + opts["shard_size"], len(rows))
-
-                def samples(start: int = start, stop: int = stop) -> Any:
-                    for i in range(start, stop):
-                        yield {"__key__": f"{i:08d}", enc.x_field: enc.encode(part, int(rows[i])),
-                               LABEL_FIELD: str(int(labels[i])).encode()}
-                        bar.update(1)
-
-                shards.append({"name": name, "count": stop - start, "sha256": _write_shard(fs, root, name, samples())})
+                indices = range(start, min(start + opts["shard_size"], len(rows)))
+                samples = _samples(enc, part, rows, labels, indices, bar)
+                shards.append({"name": name, "count": len(indices), "sha256": _write_shard(fs, root, name, samples)})
             splits[split] = {"count": len(rows), "class_counts": np.bincount(labels, minlength=k).tolist(),
                              "shards": shards}
     keep = {s["name"] for info in splits.values() for s in info["shards"]}
@@ -401,6 +414,7 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m shards.make", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(sources.DATASETS))
     p.add_argument("--source", default="", help="source file or folder (not needed for digits)")

@@ -6,6 +6,25 @@ that is shards/make.py's job, by the dataset's `Protocol`.
 
 Parts: "train" and "test" when the format comes with an official split; "all" when it does not
 (the protocol then carves the test part out).
+
+    dataset        --source                                   default protocol (labelled / val / test)
+    digits         none: scikit-learn's bundled load_digits    100 / 10% / 20% stratified
+    cifar10        cifar-10-python.tar.gz or its folder        4000 / 5000 / official (41,000 unlabelled)
+    svhn           folder: train_32x32.mat, test_32x32.mat     1000 / 7325 / official (64,932 unlabelled)
+    ag_news        folder: Zhang train.csv, test.csv           200 / 5000 / official
+                   or one Zhang CSV (.csv.gz): its own task    200 / 10% / 20%
+    miniboone      MiniBooNE_PID.txt                           20 / 10% / 20%, classes cut to equal size
+    hepmass        folder: 1000_train.csv, 1000_test.csv       20 / 10% / official
+    protein        CASP.csv                                    100 / 10% / 20%; RMSD in 10 quantile classes
+    mnist          shared/data mnist_train10k_test10k.npz      100 / 1000 / official
+    cifar10_jpeg   shared/data cifar10_jpeg_q75.npz            4000 / 5000 / official
+    magic_gamma, letter, satimage, shuttle, spambase           20, 260, 60, 35, 20 / 10% / official
+                   shared/data <name>.npz
+    fashion_mnist  folder of IDX .gz files (default: where     100 / 5000 / official
+                   `apt-get install dataset-fashion-mnist` puts them)
+    hf_disk        a datasets.save_to_disk folder              100 / 10% / its test split, else 20%
+    table          CSV/parquet file, or train.* + test.*       100 / 10% / test file, else 20%
+    image_folder   class subfolders (or train/, test/ of them) 100 / 10% / test folder, else 20%
 """
 
 from __future__ import annotations
@@ -489,7 +508,8 @@ def read_table(source: str, opts: dict) -> Source:
         files = {"all": path}
     else:
         exts = ("csv", "csv.gz", "parquet")
-        files = {p: next((path / f"{p}.{e}" for e in exts if (path / f"{p}.{e}").is_file()), None) for p in ("train", "test")}
+        files = {p: next((path / f"{p}.{e}" for e in exts if (path / f"{p}.{e}").is_file()), None)
+                 for p in ("train", "test")}
         if files["train"] is None:
             raise DataError(f"{path}: no train.csv or train.parquet; table needs {what}")
         files = _parts_of({p: f for p, f in files.items() if f is not None})
@@ -559,8 +579,10 @@ def read_image_folder(source: str, opts: dict) -> Source:
 
     what = "a folder of class subfolders of images, or train/ and test/ folders of class subfolders"
     path = _path(source, "image_folder", what)
-    roots = {"train": path / "train", "test": path / "test"} if (path / "train").is_dir() else {"all": path}
-    roots = _parts_of({p: r for p, r in roots.items() if r.is_dir()}) if "train" in roots else roots
+    if (path / "train").is_dir():
+        roots = _parts_of({p: path / p for p in ("train", "test") if (path / p).is_dir()})
+    else:
+        roots = {"all": path}
     names = sorted(d.name for d in next(iter(roots.values())).iterdir() if d.is_dir())
     if not names:
         raise DataError(f"{path}: no class subfolders; image_folder needs {what}")

@@ -34,9 +34,16 @@ rank comes from worker k % W (DataLoader hands out batches round-robin), as that
 `start_step=k` relabels the workers so that the first batch comes from worker k % W, and each worker
 fast-forwards past the batches it made before step k: whole epochs are skipped by arithmetic, and
 within the current epoch the skipped examples are read from the tar files but not decoded. So a resume
-costs at most one epoch of tar reading per worker (about 10 us per example), and yields exactly the
-batches an uninterrupted stream (same seed, batch sizes, world_size and num_workers) yields from
-step k on.
+costs at most one epoch of tar reading per worker (about 60 us per example on one core: 3 s for all of
+CIFAR-10's 45,000 training images), and yields exactly the batches an uninterrupted stream (same seed,
+batch sizes, world_size and num_workers) yields from step k on.
+
+Why not webdataset's split_by_node / split_by_worker: they hand out whole shards, which cannot give
+disjoint, equal parts when there are fewer shards than readers. The tar reading, sample grouping and
+shuffle buffer are webdataset's; the partition is by example index instead.
+
+Storage: any fsspec URL. memory:// lives inside one process, so with num_workers > 0 it works only
+where DataLoader workers are forked (the Linux default).
 
 Integrity. Every shard read is checked against the manifest: its sha256 (bytes past a consumer's range
 are hashed but not parsed), its sample count and order, every sample's fields, dtype, shape and label.
@@ -48,7 +55,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import posixpath
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -91,8 +97,7 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
-        raise DataError(f"cannot open {url!r}: {e}. Install the fsspec backend for this protocol "
-                        "(e.g. `pip install s3fs` for s3://) or fix the URL") from None
+        raise DataError(f"cannot open {url!r}: {e}. Install that fsspec backend, or fix the URL") from None
 
 
 def _read_bytes(url: str, what: str) -> bytes:
@@ -201,7 +206,7 @@ class _HashingReader(io.RawIOBase):
 def _shard_samples(root: str, shard: dict, first: int, lo: int, hi: int) -> Iterator[tuple[int, dict]]:
     """(index in split, raw sample) for the examples lo <= index < hi of one shard holding indices
     first .. first + count - 1. The whole file is hashed and checked against the manifest; samples
-    past `hi` are hashed but not parsed."""
+    past `hi` are hashed but not parsed (so extra samples show up as a sha256 mismatch)."""
     url = f"{root}/{shard['name']}"
     fs, path = url_to_fs(url)
     try:
@@ -221,9 +226,6 @@ def _shard_samples(root: str, shard: dict, first: int, lo: int, hi: int) -> Iter
         try:
             for sample in samples:
                 key = sample["__key__"]
-                if expected >= end:
-                    raise DataError(f"shard {url} holds more than the {shard['count']} samples its manifest "
-                                    f"entry says (extra sample {key!r}); rebuild the shards")
                 if key != f"{expected:08d}":
                     raise DataError(f"shard {url}: sample {key!r} where index {expected:08d} was expected "
                                     "(samples out of order or missing); rebuild the shards")
@@ -241,7 +243,7 @@ def _shard_samples(root: str, shard: dict, first: int, lo: int, hi: int) -> Iter
             samples.close()
         if expected < min(hi, end):
             raise DataError(f"shard {url} ends after {expected - first} of its {shard['count']} samples "
-                            "(truncated); rebuild the shards or copy the file again")
+                            "(truncated or corrupt); rebuild the shards or copy the file again")
         try:
             digest = reader.drain()
         except Exception as e:
@@ -321,7 +323,8 @@ class _Decoder:
         try:
             y = int(raw)
         except ValueError:
-            raise DataError(f"{self._where(sample)}: label {raw[:20]!r} is not an integer; rebuild the shards") from None
+            raise DataError(f"{self._where(sample)}: label {raw[:20]!r} is not an integer; "
+                            "rebuild the shards") from None
         if not 0 <= y < self.num_classes:
             raise DataError(f"{self._where(sample)}: label {y} is out of range [0, {self.num_classes}) for "
                             f"{self.num_classes} classes; rebuild the shards or fix num_classes in the source")
@@ -332,7 +335,9 @@ class _Decoder:
         if self.field == "npy":
             if len(data) == self.nbytes and data.startswith(self.header):
                 return np.frombuffer(data, self.dtype, offset=len(self.header)).reshape(self.stored_shape)
-            arr = self._load_npy(sample, data)
+            arr = self._load_npy(sample, data)  # another writer's header layout is fine; other contents are not
+            if arr.dtype == self.dtype and arr.shape == self.stored_shape:
+                return np.ascontiguousarray(arr)
             raise DataError(f"{self._where(sample)}: 'npy' holds {arr.dtype} {tuple(arr.shape)}, the manifest "
                             f"says {self.dtype} {self.stored_shape}; rebuild the shards")
         if self.field == "bow.npy":
@@ -393,6 +398,11 @@ class _Decoder:
         return self.batch(xs), torch.tensor(ys, dtype=torch.int64)
 
 
+def _slim(manifest: dict) -> dict:
+    """The manifest without the parts readers never need (indices, vocabulary), for pickling to workers."""
+    return {k: v for k, v in manifest.items() if k not in ("split_indices", "vocab", "source", "normalisation")}
+
+
 def _worker() -> int:
     info = get_worker_info()
     return info.id if info is not None else 0
@@ -406,7 +416,7 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, url: str, manifest: dict, batch_unlabelled: int, batch_labelled: int, seed: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, start_step: int) -> None:
-        self.url, self.root, self.manifest = url, _locate(url)[0], manifest
+        self.root, self.manifest = _locate(url)[0], _slim(manifest)
         self.bu, self.bl = batch_unlabelled, batch_labelled
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.workers = max(num_workers, 1)
@@ -458,6 +468,7 @@ class _TrainStream(IterableDataset):
                     skip -= 1
                     continue
                 decoder.check_fields(sample)
+                decoder.label(sample)  # unused here, but a bad label is a bad shard
                 yield sample
             epoch += 1
 
@@ -518,7 +529,7 @@ class _EvalStream(IterableDataset):
 
     def __init__(self, url: str, manifest: dict, split: str, batch_size: int, rank: int, world_size: int,
                  num_workers: int) -> None:
-        self.root, self.manifest, self.split = _locate(url)[0], manifest, split
+        self.root, self.manifest, self.split = _locate(url)[0], _slim(manifest), split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.workers = max(num_workers, 1)
 
