@@ -10,12 +10,13 @@ import contextlib
 import os
 import random
 import signal
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ssl_ebm.config import Config
+from ssl_ebm.config import Config, ConfigError
 
 
 def _cuda() -> bool:
@@ -26,49 +27,89 @@ def make_accelerator(cfg: Config, logging_dir: str | None = None):
     """An `Accelerator` for this machine: gloo on CPU (see NOTES.md), NCCL on GPUs.
 
     Mixed precision comes from `train.mixed_precision` when that says bf16, otherwise from the launcher
-    (`accelerate launch --mixed_precision ...`); DeepSpeed comes from the launcher config.
+    (`accelerate launch --mixed_precision ...`); DeepSpeed comes from the launcher config
+    (configs/accelerate/zero*.yaml), and under DeepSpeed bf16 is its torch autocast (fp32 weights).
     """
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    from accelerate.utils import DistributedDataParallelKwargs
-
+    deepspeed = launched_with_deepspeed()
     # The supervised baseline leaves the generator without gradients; DDP must not wait for them.
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.train.method != "ebm")]
     if not _cuda() and local_world()[1] > 1:  # gloo on CPU; with one process there is no group at all
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     kwargs = dict(
-        cpu=not _cuda(),
+        # Accelerate turns DeepSpeed off when told cpu=True; DeepSpeed finds its CPU accelerator itself.
+        cpu=not _cuda() and not deepspeed,
         gradient_accumulation_steps=cfg.train.grad_accum,
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
-    if cfg.train.mixed_precision != "no":
+    if cfg.train.mixed_precision != "no" and not deepspeed:  # DeepSpeed: see _configure_deepspeed
         kwargs["mixed_precision"] = cfg.train.mixed_precision
     if logging_dir is not None:
         kwargs["log_with"] = "tensorboard"
         kwargs["project_dir"] = logging_dir
     accelerator = Accelerator(**kwargs)
-    ds = accelerator.state.deepspeed_plugin
-    if ds is not None:
-        _configure_deepspeed(ds, cfg)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        _configure_deepspeed(plugin, cfg)
+        # DeepSpeed calls torch's older collective names on every step; the warning says nothing to users.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`",
+                                category=FutureWarning)
+    elif deepspeed:
+        raise ConfigError("the launcher asked for DeepSpeed but Accelerate did not enable it (is ACCELERATE_USE_CPU "
+                          "set? unset it: DeepSpeed finds the CPU itself); launch with "
+                          "`accelerate launch --config_file configs/accelerate/zero2.yaml ...`")
     return accelerator
+
+
+def launched_with_deepspeed() -> bool:
+    """Whether `accelerate launch` was given a DeepSpeed config (it says so in the environment)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _fill(ds: dict, dotted: str, value, source: str) -> None:
+    """Set DeepSpeed config key `dotted` to `value` where the JSON says "auto" (or nothing).
+
+    A different explicit value is an error: the run config is the one place these are set.
+    """
+    *parents, key = dotted.split(".")
+    node = ds
+    for k in parents:
+        node = node.setdefault(k, {})
+    if node.get(key, "auto") == "auto":
+        node[key] = value
+    elif node[key] != value:
+        where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+        raise ConfigError(f"{where}: {dotted} is {node[key]!r} but {source} gives {value!r}; "
+                          f'set {dotted} to "auto" there (it is then taken from {source})')
 
 
 def _configure_deepspeed(plugin, cfg: Config) -> None:
     """Fill the DeepSpeed config fields the launcher cannot know: batch size, clipping, autocast.
 
-    DeepSpeed's own bf16 mode casts the weights (NOTES.md); we keep fp32 master weights and use its
-    torch autocast instead.
+    DeepSpeed's own bf16/fp16 modes cast the weights, and this model feeds fp32 inputs (and runs the
+    Langevin sampler in fp32) outside the engine (NOTES.md); we keep fp32 weights and use DeepSpeed's
+    torch autocast instead: `"torch_autocast": {"enabled": "auto"}` follows train.mixed_precision (or
+    the launcher's --mixed_precision bf16).
     """
     ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = max(cfg.data.batch_unlabelled, 1)
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    if cfg.optim.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.optim.grad_clip
-    if cfg.train.mixed_precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-        ds.setdefault("bf16", {})["enabled"] = False
+    where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the DeepSpeed config")
+    for mode in ("bf16", "fp16"):
+        if str(ds.get(mode, {}).get("enabled", False)).lower() == "true":
+            raise ConfigError(f"{where}: DeepSpeed's {mode} mode casts the weights, which this model does not "
+                              f'support; set "{mode}": {{"enabled": false}} and use train.mixed_precision=bf16 '
+                              "(DeepSpeed's torch autocast with fp32 weights)")
+    # Per-process batch: DeepSpeed only books it (throughput, train_batch_size); the loss is a per-rank mean.
+    micro = cfg.data.batch_labelled + (cfg.data.batch_unlabelled if cfg.train.method == "ebm" else 0)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "data.batch_unlabelled + data.batch_labelled")
+    _fill(ds, "gradient_accumulation_steps", cfg.train.grad_accum, "train.grad_accum")
+    _fill(ds, "gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip")  # 0 = off, as in DeepSpeed
+    bf16 = cfg.train.mixed_precision == "bf16" or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16"
+    _fill(ds, "torch_autocast.enabled", bf16, "train.mixed_precision")
+    if ds["torch_autocast"]["enabled"]:
+        ds["torch_autocast"].setdefault("dtype", "bfloat16")
 
 
 def uses_deepspeed(accelerator) -> bool:
@@ -131,16 +172,17 @@ def local_world() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def full_params(accelerator, module):
-    """Use `module`'s parameters outside the engine's forward (Langevin, evaluation).
+def full_params(accelerator, module, modify: bool = False):
+    """Use `module`'s parameters outside the engine's forward (Langevin, evaluation, loading weights).
 
-    Under ZeRO-3 every rank holds only a shard of each parameter; gather them for the duration.
-    Elsewhere this does nothing.
+    Under ZeRO-3 every rank holds only a shard of each parameter; gather them for the duration (a
+    collective: every rank enters). With `modify=True`, what rank 0 holds at the end is partitioned back
+    (for loading weights). Elsewhere this does nothing.
     """
     if zero_stage(accelerator) == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0 if modify else None):
             yield
     else:
         yield

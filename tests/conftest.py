@@ -29,15 +29,20 @@ def free_port() -> int:
 
 
 def run_train(args: list[str], *, nproc: int = 1, check: bool = True, timeout: int = 600,
-              env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run launch/train.py as a user would: plain python, or `accelerate launch` with nproc CPU processes."""
+              env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run launch/train.py as a user would: plain python, or `accelerate launch` with nproc CPU processes.
+
+    `launcher`: `accelerate launch` arguments in place of the gloo DDP recipe, e.g.
+    `["--config_file", "configs/accelerate/zero2.yaml"]` for DeepSpeed (which finds the CPU itself).
+    """
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if nproc == 1:
+    if nproc == 1 and launcher is None:
         cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args]
-    else:  # the launch recipe of shared/NOTES.md: gloo DDP on CPU
-        full_env["ACCELERATE_USE_CPU"] = "1"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    else:
+        if launcher is None:  # the launch recipe of shared/NOTES.md: gloo DDP on CPU
+            full_env["ACCELERATE_USE_CPU"] = "1"
+            launcher = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(nproc),
                "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
