@@ -19,8 +19,9 @@ from dataclasses import replace
 import torch
 
 from ssl_ebm import config as C
-from ssl_ebm import data, logs, runtime
+from ssl_ebm import data, health, logs, runtime
 from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, load_training_state, resolve_resume, save_training_state
+from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import ChainBank, sample_negatives
 from ssl_ebm.metrics import evaluate
 from ssl_ebm.model import LatentEBM
@@ -28,10 +29,6 @@ from ssl_ebm.model import LatentEBM
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written."""
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN loss, say); the message names the step and what to change."""
 
 
 def parse_args(argv=None):
@@ -114,7 +111,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
     runtime.seed_everything(cfg.train.seed * 7919 + acc.process_index + 1)  # per-rank noise
 
     # ---- resume
-    meta = {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0}
+    meta = {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0, "recoveries": 0}
     found = resolve_resume(store, cfg.train.resume)
     if found is not None:
         meta = load_training_state(*found, acc, model, optimizer, scheduler, bank)
@@ -124,6 +121,9 @@ def train(cfg: C.Config, raw: dict) -> dict:
     if jsonl is not None:
         jsonl.truncate_after(start)
     acc.init_trackers("ssl_ebm", config={"method": cfg.train.method, "dataset": manifest.get("dataset", "")})
+    monitor, watchdog = health.Monitor(cfg), health.Watchdog(cfg, acc, store, jsonl)
+    if cfg.health.watchdog and start == 0:  # somewhere for the watchdog to go back to before the first checkpoint
+        save_training_state(store, store.dir_name("step", 0), acc, model, optimizer, scheduler, bank, cfg, meta)
 
     stream = data.train_batches(
         url, batch_unlabelled=cfg.data.batch_unlabelled if ebm else 0, batch_labelled=cfg.data.batch_labelled,
@@ -138,31 +138,38 @@ def train(cfg: C.Config, raw: dict) -> dict:
         progress = tqdm(total=cfg.train.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     preemption = runtime.Preemption()
     t_log, n_log = time.time(), 0
-    for step in range(start, cfg.train.steps):
+    end = meta.get("stopped_at") or cfg.train.steps  # a resumed run that had stopped early stays stopped
+    for step in range(start, end):
+        health.inject_fault(cfg.health, step + 1, scheduler)  # tests only (health.fault_at_step)
         batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(stream).items()}
         with acc.accumulate(model):
             z_neg = None
             if ebm:  # Algorithm 1 step 2: update persistent chains, then pool the negatives of all ranks
                 with runtime.full_params(acc, net.prior):
                     z_neg_local = sample_negatives(net.prior, bank, num_chains, cfg.sampler, cfg.model.sigma0,
-                                                   device=acc.device)
+                                                   device=acc.device, stats=monitor.sampler_stats)
                 z_neg = runtime.gather(acc, z_neg_local)
             terms = model(batch["x_u"] if ebm else None, batch["x_l"], batch["y_l"], z_neg)  # steps 3-6
             loss = terms["loss"]
             # One small gather per step, before backward so that every rank takes the same branch (and
             # DeepSpeed, which steps inside backward, never applies a non-finite update): is the loss
-            # finite everywhere, and has any rank been told to stop?
-            status = runtime.gather(acc, torch.stack([torch.isfinite(loss.detach()),
-                                                      torch.tensor(preemption.requested, device=acc.device)]))
-            finite, stop_requested = bool(status[0::2].all()), bool(status[1::2].any())
-            if finite:
+            # finite everywhere, has any rank been told to stop, are the watchdog's health checks passed?
+            status = runtime.gather(acc, monitor.status(terms, preemption.requested)).view(acc.num_processes, -1)
+            status = status.cpu()  # (ranks, [finite, stop, *health.CHECKS])
+            finite, stop_requested = bool(status[:, 0].all()), bool(status[:, 1].any())
+            healthy = bool(status[:, 2:].all())
+            if finite and healthy:
                 acc.backward(loss)
+                if acc.sync_gradients and monitor.due(step + 1):
+                    monitor.measure_grads(net)
                 if acc.sync_gradients and cfg.optim.grad_clip > 0:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 if acc.sync_gradients:
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            elif cfg.health.watchdog:  # diverging: back to the last good checkpoint with the remedy, or give up
+                watchdog.recover(step + 1, status, terms, model, optimizer, scheduler, bank, meta)
             elif cfg.train.on_nan == "stop":
                 raise TrainingError(f"non-finite loss ({loss.item()} on rank {acc.process_index}) at step "
                                     f"{step + 1}; lower the learning rates, enable optim.grad_clip, or set "
@@ -183,6 +190,9 @@ def train(cfg: C.Config, raw: dict) -> dict:
                           steps_per_s=n_log / max(time.time() - t_log, 1e-9))
             t_log, n_log = time.time(), 0
             acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=done)
+            health_record = monitor.record(terms, z_neg)
+            acc.log({f"health/{k}": v for k, v in health_record.items()}, step=done)
+            record.update(health_record)
             if jsonl is not None:
                 jsonl.write(record)
                 jsonl.flush()
@@ -205,17 +215,21 @@ def train(cfg: C.Config, raw: dict) -> dict:
 
         if splits.get("val", {}).get("count", 0) and (
                 (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == cfg.train.steps):
-            val = run_eval(acc, model, url, "val", cfg)
-            acc.log({"val/accuracy": val["accuracy"], "val/macro_f1": val["macro_f1"]}, step=done)
+            val = health.val_record(run_eval(acc, model, url, "val", cfg))
+            acc.log({f"val/{k.removeprefix('val_')}": v for k, v in val.items()}, step=done)
             if jsonl is not None:
-                jsonl.write({"step": done, "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]})
+                jsonl.write({"step": done, **val})
                 jsonl.flush()
-            if val["accuracy"] > meta["best_val"]:
-                meta.update(best_val=val["accuracy"], best_step=done)
+            improved = val["val_accuracy"] > meta["best_val"]
+            if improved:
+                meta.update(best_val=val["val_accuracy"], best_step=done)
                 save_training_state(store, store.dir_name("best", done), acc, model, optimizer, scheduler, bank,
                                 cfg, {**meta, "step": done})
+            if health.early_stop(cfg.health, meta, improved):  # model selection on validation only
+                meta["stopped_at"] = done
 
-        if (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0) or done == cfg.train.steps:
+        if ((cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
+                or done in (cfg.train.steps, meta.get("stopped_at"))):
             save_training_state(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank, cfg,
                             {**meta, "step": done})
         if stop_requested:  # preempted: save where we are and ask the scheduler to requeue us
@@ -225,6 +239,10 @@ def train(cfg: C.Config, raw: dict) -> dict:
             acc.print(f"stop signal received: checkpoint at step {done} written to {store.url}; exiting "
                       f"with status {runtime.Preemption.EXIT_CODE} so the job is requeued")
             raise Preempted()
+        if meta.get("stopped_at") == done:
+            acc.print(f"early stop at step {done}: no better validation accuracy in {cfg.health.patience} passes "
+                      f"(health.patience); best {meta['best_val']:.4f} at step {meta['best_step']}")
+            break
     if progress is not None:
         progress.close()
 
@@ -238,6 +256,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
             net.load_state_dict(store.read_torch(best, "model.pt"))
     results = {"dataset": manifest.get("dataset", ""), "method": cfg.train.method, "steps": cfg.train.steps,
                "best_step": meta["best_step"], "val_accuracy": meta["best_val"], "nan_skips": meta["nan_skips"],
+               "recoveries": meta.get("recoveries", 0), "stopped_at": meta.get("stopped_at"),
                "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes,
                "rank_param_checksums": checksums}
     if splits.get("test", {}).get("count", 0):
@@ -249,6 +268,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
               f"(best val {meta['best_val']:.4f} at step {meta['best_step']}), {cfg.train.steps} steps "
               f"in {results['seconds']:.0f} s on {acc.num_processes} process(es); results in {out_dir}/metrics.json",
               flush=True)
+    acc.wait_for_everyone()  # no rank tears the process group down while another still uses it
     acc.end_training()
     return results
 
