@@ -58,6 +58,7 @@ class ModelConfig:
     labelled_weight: float = 1.0  # weight of the labelled cross-entropy (Algorithm 1, step 6)
     prior_spectral_norm: bool = False  # spectral normalisation of the prior's linear layers
     energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded)
+    mi_weight: float = 0.0  # weight of the in-batch mutual information I(y; z+) (authors' code: 100; paper: 0)
 
     def __post_init__(self) -> None:
         self.x_shape = tuple(self.x_shape)
@@ -75,6 +76,7 @@ class ModelConfig:
         _check(self.obs_sigma > 0, "model.obs_sigma", f"got {self.obs_sigma}; must be > 0")
         _check(self.labelled_weight >= 0, "model.labelled_weight", "must be >= 0")
         _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")
+        _check(self.mi_weight >= 0, "model.mi_weight", "must be >= 0 (0 turns the mutual-information term off)")
         image = len(self.x_shape) == 3
         if self.encoder == "wrn" or self.generator == "deconv":
             _check(image, "model.x_shape",
@@ -127,6 +129,8 @@ class DataConfig:
     dataset: str = ""  # if set and the shards are missing, build them from this source first
     source: str = ""  # path of the source files for `dataset` (unused for digits)
     num_labelled: int = 100  # labelled examples, used when building shards
+    text: str = "counts"  # text datasets, when building shards: "counts" (unigram) or "embed" (sentence embeddings)
+    vocab_size: int = 30_000  # text "counts", when building shards: most frequent training words kept
     split_seed: int = 0  # seed of the labelled/unlabelled/validation split
     batch_unlabelled: int = 128
     batch_labelled: int = 32
@@ -142,6 +146,8 @@ class DataConfig:
         _check(self.eval_batch >= 1, "data.eval_batch", "must be >= 1")
         _check(self.workers >= 0, "data.workers", "must be >= 0")
         _check(self.num_labelled >= 1, "data.num_labelled", "must be >= 1")
+        _choice(self.text, "data.text", ("counts", "embed"))
+        _check(self.vocab_size >= 1, "data.vocab_size", "must be >= 1")
 
 
 @dataclass
@@ -185,7 +191,7 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0  # steps between validation passes (0 = only at the end)
     image_every: int = 0  # steps between PNG grids for image data (0 = off)
-    on_nan: str = "stop"  # "stop" with the step number, or "skip" the update and count it
+    on_nan: str = "stop"  # with health.watchdog off: "stop" with the step number, or "skip" the update and count it
     max_nan_skips: int = 10
     progress: bool = True
 
@@ -201,12 +207,51 @@ class TrainConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Watching the dynamics: the divergence watchdog and early stopping (docs/HEALTH.md).
+
+    Health metrics are logged every train.log_every steps whatever these say. The watchdog checks
+    every step, on the batch means F(z+), F(z-), |z-| and the loss, at no extra host sync.
+    """
+
+    watchdog: bool = True  # on a crossed bound: restore the last good checkpoint, reset chains, apply the remedy
+    max_abs_energy: float = 1000.0  # |F(z+)| or |F(z-)| (batch means) beyond this is divergence
+    max_energy_gap: float = 5.0  # |F(z+) - F(z-)| beyond this: the chains no longer follow the prior (0 = off)
+    max_chain_norm: float = 0.0  # mean |z-| beyond this is divergence; 0 = 5 x sigma0 * sqrt(z_dim)
+    max_recoveries: int = 3  # recoveries per run before giving up with an error
+    lr_prior_factor: float = 0.5  # the remedy: the prior's learning rate is multiplied by this per recovery
+    patience: int = 0  # validation passes without a better accuracy before stopping early (0 = never)
+    fault_at_step: int = 0  # tests only: from this step the prior lr is fault_lr_prior until a restore (0 = off)
+    fault_lr_prior: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.max_abs_energy > 0, "health.max_abs_energy", f"got {self.max_abs_energy}; must be > 0")
+        _check(self.max_energy_gap >= 0, "health.max_energy_gap", f"got {self.max_energy_gap}; must be >= 0 (0 = off)")
+        _check(self.max_chain_norm >= 0, "health.max_chain_norm",
+               f"got {self.max_chain_norm}; must be >= 0 (0 = 5 x sigma0 * sqrt(z_dim))")
+        _check(self.max_recoveries >= 0, "health.max_recoveries", f"got {self.max_recoveries}; must be >= 0")
+        _check(0 < self.lr_prior_factor <= 1, "health.lr_prior_factor",
+               f"got {self.lr_prior_factor}; must be in (0, 1] (1 restores without lowering the prior lr)")
+        _check(self.patience >= 0, "health.patience", f"got {self.patience}; must be >= 0 (0 = no early stopping)")
+        _check(self.fault_at_step >= 0, "health.fault_at_step", "must be >= 0 (0 = off)")
+        _check(self.fault_lr_prior >= 0, "health.fault_lr_prior", "must be >= 0")
+        _check((self.fault_at_step > 0) == (self.fault_lr_prior > 0), "health.fault_at_step",
+               "set health.fault_at_step and health.fault_lr_prior together (both > 0), or neither")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.health.patience == 0 or self.train.eval_every > 0, "health.patience",
+               f"early stopping counts validation passes, but train.eval_every is 0 (validation only at the "
+               f"end); set train.eval_every or health.patience=0")
 
 
 # ----------------------------------------------------------------------------- loading

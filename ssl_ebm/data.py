@@ -595,5 +595,6 @@ def ensure_shards(data_cfg: Any) -> str:
     from shards.make import build
 
     build(data_cfg.dataset, url, source=data_cfg.source, num_labelled=data_cfg.num_labelled,
-          seed=data_cfg.split_seed)
+          seed=data_cfg.split_seed, text=getattr(data_cfg, "text", "counts"),
+          vocab_size=getattr(data_cfg, "vocab_size", 30_000))
     return url

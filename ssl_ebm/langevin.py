@@ -21,7 +21,7 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
 
 def langevin(prior, z: torch.Tensor, *, steps: int, step_size: float, sigma0: float,
              noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             drift_clip: float = 0.0) -> torch.Tensor:
+             drift_clip: float = 0.0, stats: dict | None = None) -> torch.Tensor:
     """Run `steps` Langevin steps on p_alpha(z) from z_BZ (eq. 6); returns a detached fp32 (B, Z).
 
     `prior` needs `free_energy(z_BZ) -> F_B`. Arithmetic is fp32 with autocast off, so a caller's
@@ -29,6 +29,9 @@ def langevin(prior, z: torch.Tensor, *, steps: int, step_size: float, sigma0: fl
     no parameter's .grad is touched and no requires_grad flag is changed. `noise` (T, B, Z) gives
     the eps of every step (exact comparisons); otherwise they come from `generator` (or the
     global RNG). drift_clip > 0 caps the per-chain norm of the drift grad log p_alpha(z).
+    `stats`, if given, receives device scalars about the last step (no host sync): "drift_norm" and
+    "drift_norm_max" (mean and max over chains of |grad log p_alpha(z)| before clipping) and
+    "drift_clipped_frac" (the fraction of chains whose drift was clipped).
     """
     if step_size <= 0:
         raise ValueError(f"Langevin step_size must be > 0, got {step_size}")
@@ -42,6 +45,11 @@ def langevin(prior, z: torch.Tensor, *, steps: int, step_size: float, sigma0: fl
             (grad_F_BZ,) = torch.autograd.grad(prior.free_energy(z_BZ).sum(), z_BZ)
             z_BZ = z_BZ.detach()
             drift_BZ = grad_F_BZ.float() - z_BZ / sigma0**2  # grad_z log p_alpha(z)
+            if stats is not None and t == steps - 1:
+                norm_B = drift_BZ.norm(dim=1)
+                stats.update(drift_norm=norm_B.mean(), drift_norm_max=norm_B.max(),
+                             drift_clipped_frac=(norm_B > drift_clip).float().mean() if drift_clip > 0
+                             else norm_B.new_zeros(()))
             if drift_clip > 0:
                 norm_B1 = drift_BZ.norm(dim=1, keepdim=True)
                 drift_BZ = drift_BZ * (drift_clip / norm_B1).clamp(max=1.0)
@@ -116,7 +124,7 @@ class ChainBank:
 
 
 def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, sigma0: float,
-                     generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, device=None, stats: dict | None = None) -> torch.Tensor:
     """n samples z- ~ p_alpha(z) for the negative phase of eq. 10, detached fp32 (n, Z).
 
     Persistent (cfg.persistent, Algorithm 1 step 2): draw n chains from `bank`, re-initialise each
@@ -124,7 +132,7 @@ def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, 
     randomness from the bank's generator. Short-run (not cfg.persistent; the authors' text code):
     fresh chains from p0 on every call, randomness from `generator` (or the global RNG); `bank` is
     ignored. `prior` must be the unwrapped prior module (free_energy and z_dim); `device` defaults
-    to that of its parameters.
+    to that of its parameters. `stats`: see `langevin`.
     """
     if device is None:
         device = next(prior.parameters()).device
@@ -140,7 +148,7 @@ def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, 
     else:
         z_NZ = sigma0 * _randn((n, prior.z_dim), generator, torch.device(device))
     z_NZ = langevin(prior, z_NZ.to(device), steps=cfg.steps, step_size=cfg.step_size, sigma0=sigma0,
-                    generator=generator, drift_clip=cfg.drift_clip)
+                    generator=generator, drift_clip=cfg.drift_clip, stats=stats)
     if cfg.persistent:
         bank.put(idx_N, z_NZ)
     return z_NZ

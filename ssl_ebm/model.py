@@ -4,6 +4,7 @@ The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity 
     unlabelled x:  mean_B[ -log p(x|z+) + KL(q(z|x) || p0) - F(z+) ] + mean_N F(z-)
     labelled (x, y): labelled_weight * cross_entropy(f(z+), y)
     optional:        energy_penalty * (mean F(z+)^2 + mean F(z-)^2)
+    optional:        -mi_weight * I(y; z+) over the unlabelled batch (the authors' code, not the paper)
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
@@ -19,6 +20,22 @@ from torch import nn
 from ssl_ebm.config import ModelConfig, OptimConfig
 from ssl_ebm.likelihood import kl_to_p0, log_likelihood
 from ssl_ebm.nets import Prior, build_encoder, build_generator
+
+
+def batch_mutual_information(logits_BK: torch.Tensor) -> torch.Tensor:
+    """In-batch estimate of I(y; z) = H(mean_B p(y|z)) - mean_B H(p(y|z)), p(y|z) = softmax(f(z)).
+
+    Not in the paper: the authors' public code (Pang et al., the text experiments of the latent
+    space EBM for semi-supervised learning) adds this term, weighted 100, on the unlabelled batch.
+    Maximising it makes each z+ confident about its class (low conditional entropy) while keeping the
+    classes used evenly across the batch (high marginal entropy). Selected by model.mi_weight (0 = off).
+    """
+    log_p_BK = torch.log_softmax(logits_BK.float(), dim=-1)
+    p_BK = log_p_BK.exp()
+    cond_entropy = -(p_BK * log_p_BK).sum(-1).mean()
+    p_K = p_BK.mean(0)
+    marg_entropy = -(p_K * torch.log(p_K.clamp_min(1e-12))).sum()
+    return marg_entropy - cond_entropy
 
 
 class LatentEBM(nn.Module):
@@ -42,7 +59,8 @@ class LatentEBM(nn.Module):
         Either part may be missing: x_u=None (with z_neg=None) is the supervised-only baseline,
         whose loss involves only encoder and prior; x_l=y_l=None is unlabelled-only. Every key is
         always present; the terms of a missing part are 0 ("recon", "kl", "F_pos", "F_neg",
-        "z_neg_norm" without x_u; "ce", "acc_l" without x_l).
+        "z_pos_norm", "z_neg_norm", "mi" without x_u, and "mi" with model.mi_weight = 0; "ce", "acc_l"
+        without x_l).
         The eps of z+ is drawn once, from the global RNG, for the batch [x_u; x_l], which also
         goes through the encoder as one batch (one set of BatchNorm statistics). Pass `eps`
         ((B + M, Z), for [x_u; x_l]) to supply that noise instead, e.g. to compare two computations.
@@ -74,7 +92,8 @@ class LatentEBM(nn.Module):
 
         zero = mu.new_zeros(())
         loss = zero
-        out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_neg_norm=zero, ce=zero, acc_l=zero)
+        out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
+                   acc_l=zero, mi=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -86,8 +105,12 @@ class LatentEBM(nn.Module):
             loss = (-recon_B + kl_B - F_pos_B).mean() + F_neg_N.mean()
             if cfg.energy_penalty > 0:
                 loss = loss + cfg.energy_penalty * (F_pos_B.pow(2).mean() + F_neg_N.pow(2).mean())
+            if cfg.mi_weight > 0:
+                mi = batch_mutual_information(self.prior(z_pos_BZ))
+                loss = loss - cfg.mi_weight * mi
+                out.update(mi=mi)
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
-                       z_neg_norm=z_neg_NZ.norm(dim=1).mean())
+                       z_pos_norm=z_pos_BZ.norm(dim=1).mean(), z_neg_norm=z_neg_NZ.norm(dim=1).mean())
         if x_l is not None:
             # Step 6: log softmax(f(z+))_y for the labelled examples, into prior and encoder.
             logits_MK = self.prior(z_pos[n_u:])

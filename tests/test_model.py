@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_ebm.config import ModelConfig, OptimConfig
-from ssl_ebm.model import LatentEBM
+from ssl_ebm.model import LatentEBM, batch_mutual_information
 
 PAIRINGS = {
     "wrn+deconv 1x28x28": dict(encoder="wrn", generator="deconv", x_shape=(1, 28, 28)),
@@ -16,7 +16,8 @@ PAIRINGS = {
     "mlp+mlp multinomial": dict(encoder="mlp", generator="mlp", likelihood="multinomial", x_shape=(30,)),
 }
 TINY = dict(z_dim=6, num_classes=3, hidden=16, prior_hidden=16, wrn_depth=10, wrn_width=1, gen_channels=4)
-KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_neg_norm", "ce", "acc_l", "logvar_min", "logvar_max"}
+KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "logvar_min",
+        "logvar_max"}
 
 
 def make(name: str, seed: int = 0, **kw) -> LatentEBM:
@@ -166,3 +167,20 @@ def test_param_groups_partition_the_parameters():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters()}
     torch.optim.Adam(groups, betas=optim.betas)  # accepted as is
+
+
+def test_mutual_information_term():
+    """model.mi_weight (the authors' code): loss = paper loss - mi_weight * I(y; z+), I in [0, log K]."""
+    confident_even = torch.eye(3).repeat(2, 1) * 50  # each row sure of a class, classes used evenly
+    torch.testing.assert_close(batch_mutual_information(confident_even), torch.tensor(math.log(3)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch_mutual_information(torch.zeros(6, 3)), torch.tensor(0.0))  # uniform: no information
+    collapsed = torch.tensor([[50.0, 0, 0]]).repeat(6, 1)  # confident but always the same class
+    assert batch_mutual_information(collapsed) < 1e-4
+    data = batch(make("mlp+mlp gaussian"))
+    torch.manual_seed(3)
+    plain = make("mlp+mlp gaussian")(*data)
+    torch.manual_seed(3)
+    with_mi = make("mlp+mlp gaussian", mi_weight=100.0)(*data)
+    assert plain["mi"] == 0 and 0 < with_mi["mi"] <= math.log(3)
+    torch.testing.assert_close(with_mi["loss"], plain["loss"] - 100.0 * with_mi["mi"])
+    with_mi["loss"].backward()  # the term reaches the prior's class logits

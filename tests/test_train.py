@@ -209,8 +209,8 @@ def test_unwritable_checkpoint_location_detected_before_training(digits_shards, 
 def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(digits_shards, tmp_path):
     out = tmp_path / "nan"
     # An absurd prior learning rate makes the energies overflow after the first update.
-    proc = run_train(tiny(digits_shards, out, "optim.lr_prior=1e30", "train.steps=20", "train.checkpoint_every=1"),
-                     check=False)
+    proc = run_train(tiny(digits_shards, out, "optim.lr_prior=1e30", "train.steps=20", "train.checkpoint_every=1",
+                          "health.watchdog=false"), check=False)
     _fails(proc, "non-finite loss")
     assert "at step 2" in proc.stderr
     assert (out / "checkpoints" / "step-000001" / "COMPLETE").exists(), "what was saved before stays"
@@ -218,5 +218,5 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(digits_shards, tmp_p
 
 def test_nan_loss_skip_counts_then_gives_up(digits_shards, tmp_path):
     proc = run_train(tiny(digits_shards, tmp_path / "skip", "optim.lr_prior=1e30", "train.steps=20",
-                          "train.on_nan=skip", "train.max_nan_skips=3"), check=False)
+                          "train.on_nan=skip", "train.max_nan_skips=3", "health.watchdog=false"), check=False)
     _fails(proc, "4 non-finite losses by step 5")

@@ -1,0 +1,91 @@
+"""launch/evaluate.py: evaluate a checkpoint on a split, predict from shards / .npz / CSV, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY, run_train
+
+DIGITS = str(REPO / "configs" / "digits.yaml")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(digits_shards, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    run_train(["--config", DIGITS, *TINY, f"data.shards={digits_shards}", f"train.out_dir={out}", "train.steps=20"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    return str(out / "checkpoints" / f"best-{metrics['best_step']:06d}"), metrics
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_reproduces_the_training_test_accuracy(checkpoint, digits_shards, tmp_path):
+    ckpt, metrics = checkpoint
+    proc = evaluate(ckpt, "--split", "test", "--out", str(tmp_path / "m.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "m.json").read_text())
+    assert got["count"] == metrics["test"]["count"]
+    assert got["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+    val = json.loads(evaluate(ckpt, "--shards", digits_shards, "--split", "val").stdout)
+    assert val["split"] == "val" and val["accuracy"] == pytest.approx(metrics["val_accuracy"], abs=1e-6)
+
+
+def test_predict_from_shards_npz_and_csv_agree(checkpoint, digits_shards, tmp_path):
+    ckpt, metrics = checkpoint
+    proc = evaluate(ckpt, "--predict", digits_shards, "--split", "test", "--out", str(tmp_path / "p.csv"))
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "p.csv").read_text().splitlines()))
+    assert len(rows) == metrics["test"]["count"]
+    probs = np.array([[float(r[f"p_{k}"]) for k in range(10)] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    acc = np.mean([int(r["pred"]) == int(r["label"]) for r in rows])
+    assert acc == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+
+    # the same examples as raw source features (digits pixels 0..16), standardised by evaluate.py
+    from sklearn.datasets import load_digits
+
+    manifest = json.loads((Path(digits_shards) / "manifest.json").read_text())
+    raw = load_digits().data[manifest["split_indices"]["test"]]
+    np.savez(tmp_path / "new.npz", x=raw)
+    np.savetxt(tmp_path / "new.csv", raw, delimiter=",", header=",".join(f"f{i}" for i in range(64)), comments="")
+    for name in ("new.npz", "new.csv"):
+        out = tmp_path / f"{name}.json"
+        proc = evaluate(ckpt, "--predict", str(tmp_path / name), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(out.read_text())
+        assert got["class_names"] == manifest["class_names"]
+        p = np.array([[r[f"p_{n}"] for n in got["class_names"]] for r in got["predictions"]])
+        np.testing.assert_allclose(p, probs, atol=1e-4)
+
+
+@pytest.mark.parametrize("make_input, fragment", [
+    (lambda d: str(d / "missing.npz"), "not a readable .npz"),
+    (lambda d: (np.savez(d / "nox.npz", y=np.zeros(3)), str(d / "nox.npz"))[1], "no array 'x'"),
+    (lambda d: (np.savez(d / "shape.npz", x=np.zeros((3, 5))), str(d / "shape.npz"))[1], "expected (N, 64)"),
+    (lambda d: ((d / "bad.csv").write_text("a,b,c\n1,2,3\n1,2,x\n"), str(d / "bad.csv"))[1], "not all numbers"),
+    (lambda d: ((d / "f.txt").write_text("1"), str(d / "f.txt"))[1], "unknown input kind"),
+])
+def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, make_input, fragment):
+    ckpt, _ = checkpoint
+    proc = evaluate(ckpt, "--predict", make_input(tmp_path), "--out", str(tmp_path / "p.csv"))
+    assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bad_checkpoint_and_output(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    proc = evaluate(str(tmp_path / "no-such-step-000010"))
+    assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr
+    proc = evaluate(ckpt, "--predict", "x.npz")
+    assert proc.returncode == 2 and "--out" in proc.stderr
+    proc = evaluate(ckpt, "--out", str(tmp_path / "m.txt"))
+    assert proc.returncode == 2 and ".json" in proc.stderr
