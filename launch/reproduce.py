@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,9 +85,10 @@ def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse
     done = (out_dir / "metrics.json").exists() and (out_dir / "command.json").exists()
     if reuse and done and json.loads((out_dir / "command.json").read_text()) == stamp:
         return {**json.loads((out_dir / "metrics.json").read_text()), "reused": True}
-    (out_dir / "command.json").unlink(missing_ok=True)
+    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to resume or restore
+    out_dir.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as f:
+    with open(log, "w") as f:  # log lies inside out_dir
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]

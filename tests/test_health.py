@@ -199,14 +199,16 @@ def test_bad_health_config_says_what_to_change(overrides, fragment):
 
 def test_watchdog_recovers_from_a_forced_divergence(digits_shards, tmp_path):
     """A huge prior lr from update 15 on blows F up; the check at step 16 sees it, the run goes back to
-    step-000010 (step-000015 already holds the blown-up weights), with half the prior lr, and finishes."""
+    step-000010 (step-000015 already holds the blown-up weights and is dropped), with half the prior lr,
+    and finishes."""
     out = tmp_path / "fault"
     proc = run_train(tiny(digits_shards, out, "train.steps=40", "train.checkpoint_every=5", "optim.lr_prior=1e-5",
                           "health.fault_at_step=15", "health.fault_lr_prior=1e4"))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("watchdog:")]
     assert len(lines) == 1, proc.stdout
     assert lines[0].startswith("watchdog: step 16: ") and "|F| above 1000 (health.max_abs_energy)" in lines[0]
-    assert "restored step-000010, reset 500 chains to p0, prior lr 1e-05 -> 5e-06 (recovery 1 of 3)" in lines[0]
+    assert ("restored step-000010 (dropped step-000015), reset 500 chains to p0, prior lr 1e-05 -> 5e-06 "
+            "(recovery 1 of 3)") in lines[0]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recoveries"] == 1 and metrics["test"]["count"] > 0
     final = torch.load(out / "checkpoints" / "step-000040" / "model.pt", weights_only=True)

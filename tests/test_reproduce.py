@@ -33,7 +33,7 @@ def test_reproduce_smoke_writes_results_and_table(tmp_path):
         assert f"shards: {shards}" in cfg and "split_seed: 0" in cfg
     text = doc.read_text()
     assert "## Training health (MAGIC, 5 seeds)\n\nkept as it is" in text
-    assert "| digits (digits) | 100 |" in text and "reproduce:begin" in text
+    assert "| digits | 100 |" in text and "reproduce:begin" in text
     # again with --reuse: the finished runs are kept, and the block is replaced, not appended
     subprocess.run([*cmd, "--reuse"], cwd=REPO, capture_output=True, text=True, timeout=600, check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
