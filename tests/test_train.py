@@ -143,12 +143,13 @@ def _train_in_process(shards: str, out: str, *extra: str) -> dict:
     return train_script.train(C.from_dict(C.Config, raw), raw)
 
 
-def test_memory_checkpoints_resume_and_survive_a_crash_mid_save(digits_shards, monkeypatch):
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_checkpoints_resume_and_survive_a_crash_mid_save(digits_shards, monkeypatch, tmp_path, scheme):
     from ssl_ebm import checkpoint
 
-    mem = fsspec.filesystem("memory")
+    base = f"memory://crash-test-{os.getpid()}" if scheme == "memory" else f"file://{tmp_path}"
     args = ["train.steps=30", "train.checkpoint_every=10", "train.eval_every=0"]
-    _train_in_process(digits_shards, "memory://ref", *args)
+    _train_in_process(digits_shards, f"{base}/ref", *args)
 
     # A crash during the save at step 20: files written, COMPLETE never reached.
     real_mark = checkpoint.CheckpointStore.mark_complete
@@ -160,18 +161,18 @@ def test_memory_checkpoints_resume_and_survive_a_crash_mid_save(digits_shards, m
 
     monkeypatch.setattr(checkpoint.CheckpointStore, "mark_complete", crash_at_20)
     with pytest.raises(KeyboardInterrupt):
-        _train_in_process(digits_shards, "memory://crash", *args)
+        _train_in_process(digits_shards, f"{base}/crash", *args)
     monkeypatch.setattr(checkpoint.CheckpointStore, "mark_complete", real_mark)
-    store = checkpoint.CheckpointStore("memory://crash/checkpoints")
-    assert mem.exists("/crash/checkpoints/step-000020/model.pt"), "the crash happened mid-save"
+    store = checkpoint.CheckpointStore(f"{base}/crash/checkpoints")
+    assert store.exists("step-000020", "model.pt"), "the crash happened mid-save"
     assert store.latest() == "step-000010", "a half-written save must not look complete"
     assert store.read_torch("step-000010", "model.pt"), "the previous checkpoint stays loadable"
 
-    _train_in_process(digits_shards, "memory://crash", *args)  # resume=auto from step 10
-    ref = checkpoint.CheckpointStore("memory://ref/checkpoints").read_torch("step-000030", "model.pt")
+    _train_in_process(digits_shards, f"{base}/crash", *args)  # resume=auto from step 10
+    ref = checkpoint.CheckpointStore(f"{base}/ref/checkpoints").read_torch("step-000030", "model.pt")
     assert_same_weights(ref, store.read_torch("step-000030", "model.pt"))
-    mem.rm("/ref", recursive=True)
-    mem.rm("/crash", recursive=True)
+    if scheme == "memory":
+        fsspec.filesystem("memory").rm(base.removeprefix("memory://"), recursive=True)
 
 
 # ----------------------------------------------------------------------------- bad input
