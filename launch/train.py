@@ -81,6 +81,8 @@ def run_eval(acc, model, url: str, split: str, cfg: C.Config) -> dict:
 
 def train(cfg: C.Config, raw: dict) -> dict:
     t_start = time.time()
+    if cfg.train.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.train.cpu_threads)
     out_dir = cfg.train.out_dir.rstrip("/")
     acc = runtime.make_accelerator(cfg, logging_dir=tensorboard_dir(out_dir))
     store = CheckpointStore(cfg.train.checkpoint_dir or f"{out_dir}/checkpoints")
@@ -231,11 +233,11 @@ def train(cfg: C.Config, raw: dict) -> dict:
         if ((cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
                 or done in (cfg.train.steps, meta.get("stopped_at"))):
             save_training_state(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank, cfg,
-                            {**meta, "step": done})
+                            {**meta, "step": done, **monitor.checkpoint_health()})
         if stop_requested:  # preempted: save where we are and ask the scheduler to requeue us
             if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
                 save_training_state(store, store.dir_name("step", done), acc, model, optimizer, scheduler, bank,
-                                    cfg, {**meta, "step": done})
+                                    cfg, {**meta, "step": done, **monitor.checkpoint_health()})
             acc.print(f"stop signal received: checkpoint at step {done} written to {store.url}; exiting "
                       f"with status {runtime.Preemption.EXIT_CODE} so the job is requeued")
             raise Preempted()

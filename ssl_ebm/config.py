@@ -194,12 +194,14 @@ class TrainConfig:
     on_nan: str = "stop"  # with health.watchdog off: "stop" with the step number, or "skip" the update and count it
     max_nan_skips: int = 10
     progress: bool = True
+    cpu_threads: int = 0  # torch intra-op threads on CPU (0 = torch's default); small MLPs run fastest on 1
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
         _choice(self.method, "train.method", ("ebm", "supervised"))
         _choice(self.mixed_precision, "train.mixed_precision", ("no", "bf16"))
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+        _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0 = torch's default)")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _choice(self.on_nan, "train.on_nan", ("stop", "skip"))
         for name in ("checkpoint_every", "log_every", "eval_every", "image_every"):
