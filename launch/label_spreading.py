@@ -1,6 +1,6 @@
 """The graph baseline: scikit-learn's kNN label spreading on the same shards (labelled, unlabelled, val, test).
 
-    python launch/label_spreading.py data_cache/magic_gamma [--neighbors 5 7 10 20 50] [--out ls.json]
+    python launch/label_spreading.py data_cache/magic_gamma [--neighbors 5 7 10 20 50 100 200] [--out ls.json]
 
 The graph is built on the labelled and unlabelled examples (the same training pool the EBM sees); the
 number of neighbours is chosen on the validation split, as the EBM's checkpoint is, and the test accuracy
@@ -50,7 +50,7 @@ def label_spreading(url: str, neighbors: list[int]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("shards", help="shard directory URL (holding manifest.json)")
-    p.add_argument("--neighbors", type=int, nargs="+", default=[5, 7, 10, 20, 50])
+    p.add_argument("--neighbors", type=int, nargs="+", default=[5, 7, 10, 20, 50, 100, 200])
     p.add_argument("--out", default="", help="also write the result as JSON here")
     a = p.parse_args(argv)
     try:

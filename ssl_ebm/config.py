@@ -218,7 +218,7 @@ class HealthConfig:
 
     watchdog: bool = True  # on a crossed bound: restore the last good checkpoint, reset chains, apply the remedy
     max_abs_energy: float = 1000.0  # |F(z+)| or |F(z-)| (batch means) beyond this is divergence
-    max_energy_gap: float = 5.0  # |F(z+) - F(z-)| beyond this: the chains no longer follow the prior (0 = off)
+    max_energy_gap: float = 10.0  # |F(z+) - F(z-)| beyond this: the chains no longer follow the prior (0 = off)
     max_chain_norm: float = 0.0  # mean |z-| beyond this is divergence; 0 = 5 x sigma0 * sqrt(z_dim)
     max_recoveries: int = 3  # recoveries per run before giving up with an error
     lr_prior_factor: float = 0.5  # the remedy: the prior's learning rate is multiplied by this per recovery

@@ -46,6 +46,7 @@ class Monitor:
         self.max_chain_norm = chain_norm_bound(cfg)
         self.sampler_stats: dict[str, torch.Tensor] = {}  # filled by langevin() on every step (stats=...)
         self.grads: dict[str, torch.Tensor] = {}
+        self.gap: torch.Tensor | None = None  # |F(z+) - F(z-)| of the last step, for checkpoint_health
 
     def due(self, done: int) -> bool:
         """Whether step `done` is a log step (the same rule as the loop's logging)."""
@@ -59,6 +60,7 @@ class Monitor:
         watchdog off the bounds are not checked (always True).
         """
         loss = terms["loss"].detach()
+        self.gap = (terms["F_pos"] - terms["F_neg"]).abs()
         finite = torch.isfinite(loss)
         stop = torch.tensor(bool(stop_requested), device=loss.device)
         if not self.cfg.health.watchdog:
@@ -69,6 +71,11 @@ class Monitor:
         gap_ok = ((F_pos - F_neg).abs() <= self.max_gap) | (self.max_gap == 0)
         chains_ok = terms["z_neg_norm"] <= self.max_chain_norm
         return torch.stack([finite, stop, energy_ok, gap_ok, chains_ok])
+
+    def checkpoint_health(self) -> dict[str, float]:
+        """For a checkpoint's meta: the energy gap of the last step (one host sync, at checkpoint steps
+        only). The watchdog prefers restore points that were well inside the gap bound."""
+        return {} if self.gap is None else {"energy_gap": float(self.gap)}
 
     def measure_grads(self, net) -> None:
         """Gradient norm of each part (encoder, generator, prior), before clipping. Under DeepSpeed the
@@ -151,6 +158,8 @@ class Watchdog:
 
     "Good": the checkpoint named step-d holds the weights and chains the loop checks at step index d, so
     every checkpoint older than the failed check passed its check; the one at the failed step did not.
+    Among those, ones written with the energy gap above half its bound are passed over when a calmer
+    one exists (the gap climbs for hundreds of steps before it crosses the bound).
     Checkpoints newer than the restore point are deleted (they belong to the timeline that failed), so
     neither the watchdog nor train.resume=auto ever goes back to them. A run that fails again before a
     newer checkpoint has passed goes one checkpoint further back (keep train.keep_last >= 2 for that).
@@ -161,6 +170,12 @@ class Watchdog:
         if cfg.health.watchdog and not cfg.train.checkpoint_every and cfg.train.steps > 2000:
             acc.print("note: health.watchdog is on but train.checkpoint_every is 0, so a recovery goes back to "
                       "step 0; set train.checkpoint_every to give it closer restore points")
+
+    def _calm(self, name: str) -> bool:
+        """Whether a checkpoint was written well inside the gap bound (at most half of it), or did not record
+        its gap. One written as the gap climbed towards the bound tends to fail again within steps."""
+        gap = self.store.read_json(name, "meta.json").get("energy_gap")
+        return gap is None or not self.cfg.health.max_energy_gap or gap <= self.cfg.health.max_energy_gap / 2
 
     def describe(self, status_RC: torch.Tensor, terms: dict[str, torch.Tensor]) -> str:
         """What the checks saw, with the values of this process (and which ranks failed, if several)."""
@@ -196,7 +211,9 @@ class Watchdog:
                 f"(health.max_recoveries). Start with a lower optim.lr_prior (the remedy that worked in "
                 "docs/HEALTH.md), or raise health.max_recoveries; the best checkpoint on validation so far is kept")
         complete = self.store.complete("step")
-        point = restore_point(complete, step, meta.get("restored_from"))
+        calm = [(s, n) for s, n in complete if self._calm(n)]
+        point = restore_point(calm, step, meta.get("restored_from")) or \
+            restore_point(complete, step, meta.get("restored_from"))
         if point is None:
             raise TrainingError(f"step {done}: {saw}; the watchdog found no checkpoint before step {step} in "
                                 f"{self.store.url} to go back to")

@@ -138,7 +138,7 @@ def test_monitor_checks_every_bound_and_records_floats():
 
     assert status() == [True, False, True, True, True]
     assert status(F_neg=torch.tensor(-2e4)) == [True, False, False, False, True]
-    assert status(F_pos=torch.tensor(7.0)) == [True, False, True, False, True]  # gap 6 > 5
+    assert status(F_pos=torch.tensor(12.0)) == [True, False, True, False, True]  # gap 11 > 10
     assert status(z_neg_norm=torch.tensor(47.0)) == [True, False, True, True, False]
     nan = torch.tensor(float("nan"))
     assert status(loss=nan, F_pos=nan) == [False, False, False, False, True]
@@ -211,6 +211,7 @@ def test_watchdog_recovers_from_a_forced_divergence(digits_shards, tmp_path):
             "(recovery 1 of 3)") in lines[0]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["recoveries"] == 1 and metrics["test"]["count"] > 0
+    assert 0 <= json.loads((out / "checkpoints" / "step-000040" / "meta.json").read_text())["energy_gap"] < 5
     final = torch.load(out / "checkpoints" / "step-000040" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in final.values())
     log = records(out)
