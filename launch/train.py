@@ -272,6 +272,9 @@ def train(cfg: C.Config, raw: dict) -> dict:
               flush=True)
     acc.wait_for_everyone()  # no rank tears the process group down while another still uses it
     acc.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear gloo down before interpreter exit: left to exit, its threads can abort the process.
+        torch.distributed.destroy_process_group()
     return results
 
 
