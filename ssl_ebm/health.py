@@ -4,14 +4,14 @@ How to read the metrics: docs/HEALTH.md. Everything here is computed as device t
 them only at log steps (`Monitor.record`, one transfer) and through the loop's one per-step status
 gather, which the watchdog's checks ride on (`Monitor.status`). The loop calls, per step:
 
-    monitor.status(terms, stop_requested)  -> [finite, stop, energy_ok, chains_ok], gathered over ranks
+    monitor.status(terms, stop_requested)  -> [finite, stop, *CHECKS ok], gathered over ranks
     monitor.measure_grads(net)             after backward, on log steps only
     watchdog.recover(...)                  when a gathered check failed: roll back, or give up
     monitor.record(terms, z_neg)           on log steps: the health metrics as Python floats
 
-The divergence this guards against (shared/NOTES.md): the prior's negative phase runs away, F(z-) falls
-to -1e4 and the persistent chains fly off (|z-| ~ 10x the p0 radius), or F(z+) grows without bound as
-the encoder chases the +F(z+) term; a few hundred steps later every input gets the majority class.
+The divergence this guards against (shared/NOTES.md, docs/HEALTH.md): the chains stop following the
+prior, so the gap F(z+) - F(z-) climbs for a few hundred steps; then F(z-) falls to -1e4, the chains fly
+off (|z-| ~ 10x the p0 radius) or F(z+) grows without bound, and every input gets the majority class.
 """
 
 from __future__ import annotations

@@ -233,6 +233,18 @@ def test_watchdog_recovers_from_a_forced_divergence(digits_shards, tmp_path):
             "val/balanced_accuracy"} <= set(tags)
 
 
+@pytest.mark.slow
+def test_watchdog_recovers_identically_on_two_processes(digits_shards, tmp_path):
+    out = tmp_path / "fault2"
+    proc = run_train(tiny(digits_shards, out, "train.steps=30", "train.checkpoint_every=5", "optim.lr_prior=1e-5",
+                          "health.fault_at_step=15", "health.fault_lr_prior=1e4"), nproc=2)
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("watchdog: step 16: ")]) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["recoveries"] == 1
+    a, b = metrics["rank_param_checksums"]
+    assert a == b and math.isfinite(a), "ranks must restore the same checkpoint and end with the same weights"
+
+
 def test_watchdog_gives_up_cleanly_when_recovery_is_impossible(digits_shards, tmp_path):
     # lr 1e30 diverges from the first update; halving it twice changes nothing.
     proc = run_train(tiny(digits_shards, tmp_path / "hopeless", "optim.lr_prior=1e30", "train.steps=20",
