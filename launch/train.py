@@ -23,6 +23,7 @@ from ssl_ebm import data, health, logs, runtime
 from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, load_training_state, resolve_resume, save_training_state
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import ChainBank, sample_negatives
+from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.metrics import evaluate
 from ssl_ebm.model import LatentEBM
 
@@ -106,8 +107,13 @@ def train(cfg: C.Config, raw: dict) -> dict:
     if ebm and cfg.sampler.persistent:
         bank = ChainBank(cfg.sampler.bank_size, cfg.model.z_dim, cfg.model.sigma0, device=acc.device,
                          seed=cfg.train.seed * 100_003 + acc.process_index)
+    cuda = acc.device.type == "cuda"
+    image_data = len(cfg.model.x_shape) == 3
+    memory_format = torch.channels_last if cuda and image_data and cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.Adam(model.param_groups(cfg.optim), betas=cfg.optim.betas,
-                                 weight_decay=cfg.optim.weight_decay)
+                                 weight_decay=cfg.optim.weight_decay,
+                                 fused=cuda and not runtime.uses_deepspeed(acc))  # one kernel per group on GPU
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.train.steps))
     model, optimizer = acc.prepare(model, optimizer)
     runtime.seed_everything(cfg.train.seed * 7919 + acc.process_index + 1)  # per-rank noise
@@ -132,7 +138,8 @@ def train(cfg: C.Config, raw: dict) -> dict:
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, start_step=start)
     net = acc.unwrap_model(model)
-    image_data = len(cfg.model.x_shape) == 3
+    # Algorithm 1 step 2 as one replayed CUDA graph on GPU (eager on CPU and under ZeRO-3).
+    sampler = CapturedLangevin(net.prior, enabled=cfg.sampler.cuda_graph) if ebm else None
     progress = None
     if acc.is_main_process and cfg.train.progress:
         from tqdm.auto import tqdm
@@ -143,13 +150,14 @@ def train(cfg: C.Config, raw: dict) -> dict:
     end = meta.get("stopped_at") or cfg.train.steps  # a resumed run that had stopped early stays stopped
     for step in range(start, end):
         health.inject_fault(cfg.health, step + 1, scheduler)  # tests only (health.fault_at_step)
-        batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(stream).items()}
+        batch = {k: v.to(acc.device, non_blocking=True, memory_format=memory_format) if v.dim() == 4
+                 else v.to(acc.device, non_blocking=True) for k, v in next(stream).items()}
         with acc.accumulate(model):
             z_neg = None
             if ebm:  # Algorithm 1 step 2: update persistent chains, then pool the negatives of all ranks
                 with runtime.full_params(acc, net.prior):
                     z_neg_local = sample_negatives(net.prior, bank, num_chains, cfg.sampler, cfg.model.sigma0,
-                                                   device=acc.device, stats=monitor.sampler_stats)
+                                                   device=acc.device, stats=monitor.sampler_stats, sampler=sampler)
                 z_neg = runtime.gather(acc, z_neg_local)
             terms = model(batch["x_u"] if ebm else None, batch["x_l"], batch["y_l"], z_neg)  # steps 3-6
             loss = terms["loss"]

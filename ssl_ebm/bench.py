@@ -19,8 +19,8 @@ import time
 import torch
 
 from ssl_ebm import config as C
-from ssl_ebm import data
-from ssl_ebm.langevin import ChainBank, langevin
+from ssl_ebm import data, health
+from ssl_ebm.langevin import ChainBank, langevin, sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.model import LatentEBM
 
@@ -50,6 +50,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.cpu_threads and device.type == "cpu":  # as the training loop does
+        torch.set_num_threads(cfg.train.cpu_threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     url = None
@@ -60,34 +62,36 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
     m, s = cfg.model, cfg.sampler
     bu, bl = cfg.data.batch_unlabelled, cfg.data.batch_labelled
     image = len(m.x_shape) == 3
-    fmt = torch.channels_last if image and device.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last if image and device.type == "cuda" and cfg.train.channels_last else torch.contiguous_format
 
     torch.manual_seed(cfg.train.seed)
     model = LatentEBM(m).to(device, memory_format=fmt)
     optimizer = torch.optim.Adam(model.param_groups(cfg.optim), betas=cfg.optim.betas,
                                  fused=device.type == "cuda")
     bank = ChainBank(s.bank_size, m.z_dim, m.sigma0, device=device, seed=cfg.train.seed)
-    x_u = torch.randn(bu, *m.x_shape, device=device).tanh().contiguous(memory_format=fmt)
-    x_l = torch.randn(bl, *m.x_shape, device=device).tanh().contiguous(memory_format=fmt)
+    x_u = torch.randn(bu, *m.x_shape, device=device).tanh()
+    x_l = torch.randn(bl, *m.x_shape, device=device).tanh()
     if m.likelihood == "multinomial":
         x_u, x_l = x_u.abs().round(), x_l.abs().round()
+    if image:
+        x_u, x_l = x_u.contiguous(memory_format=fmt), x_l.contiguous(memory_format=fmt)
     y_l = torch.randint(0, m.num_classes, (bl,), device=device)
     n = s.num_chains or bu
-    captured = CapturedLangevin(model.prior)
+    captured = CapturedLangevin(model.prior, enabled=s.cuda_graph)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
-    kw = dict(steps=s.steps, step_size=s.step_size, sigma0=m.sigma0, drift_clip=s.drift_clip)
 
-    def negatives(sampler):
-        idx, z = bank.draw(n)
-        z = sampler(z, **kw)
-        bank.put(idx, z)
-        return z
+    def negatives(sampler):  # Algorithm 1 step 2 as the training loop runs it
+        return sample_negatives(model.prior, bank, n, s, m.sigma0, sampler=sampler)
+
+    monitor = health.Monitor(cfg)
 
     def step(sampler, xu=x_u, xl=x_l, yl=y_l):
         z_neg = negatives(sampler)
         with torch.autocast(**amp):
-            loss = model(xu, xl, yl, z_neg)["loss"]
-        loss.backward()
+            terms = model(xu, xl, yl, z_neg)
+        # The training loop's one host sync per step: finite loss and health bounds, before backward.
+        monitor.status(terms, False).cpu()
+        terms["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -96,11 +100,12 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "batch": {"unlabelled": bu, "labelled": bl, "chains": n}, "langevin_steps": s.steps,
            "mixed_precision": cfg.train.mixed_precision, "channels_last": fmt is torch.channels_last,
-           "captured_sampler": device.type == "cuda"}
+           "cuda_graph": s.cuda_graph}
     t_step = _timed(lambda: step(captured), steps, warmup, device)
     t_sampler = _timed(lambda: negatives(captured), steps, warmup, device)
     t_step_eager = _timed(lambda: step(eager), steps, warmup, device)
     t_sampler_eager = _timed(lambda: negatives(eager), steps, warmup, device)
+    out.update(sampler_backend=captured.backend, graph_captures=captured.captures)
     out.update(step_ms=1e3 * t_step, samples_per_s=(bu + bl) / t_step, sampler_ms=1e3 * t_sampler,
                sampler_share=t_sampler / t_step, eager_step_ms=1e3 * t_step_eager,
                eager_sampler_ms=1e3 * t_sampler_eager, eager_over_captured_step=t_step_eager / t_step)
@@ -110,7 +115,8 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
 
         def loaded_step():
             b = next(stream)
-            step(captured, *(b[k].to(device, non_blocking=True) for k in ("x_u", "x_l", "y_l")))
+            step(captured, *(b[k].to(device, non_blocking=True, memory_format=fmt) if b[k].dim() == 4
+                             else b[k].to(device, non_blocking=True) for k in ("x_u", "x_l", "y_l")))
 
         t_e2e = _timed(loaded_step, steps, warmup, device)
         out.update(end_to_end_step_ms=1e3 * t_e2e, end_to_end_samples_per_s=(bu + bl) / t_e2e,

@@ -107,6 +107,7 @@ class SamplerConfig:
     num_chains: int = 0  # chains updated per step and process; 0 = the unlabelled batch size
     reinit_frac: float = 0.0  # fraction of drawn chains re-initialised from p0 before updating
     drift_clip: float = 0.0  # clip the norm of grad log p(z) per chain (0 = off)
+    cuda_graph: bool = True  # on GPU, replay the T steps from one captured CUDA graph (same results as eager)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "sampler.steps", f"got {self.steps}; must be >= 0")
@@ -195,6 +196,7 @@ class TrainConfig:
     max_nan_skips: int = 10
     progress: bool = True
     cpu_threads: int = 0  # torch intra-op threads on CPU (0 = torch's default); small MLPs run fastest on 1
+    channels_last: bool = True  # on GPU, image nets and batches in channels_last memory format
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")

@@ -62,7 +62,7 @@ class Monitor:
         loss = terms["loss"].detach()
         self.gap = (terms["F_pos"] - terms["F_neg"]).abs()
         finite = torch.isfinite(loss)
-        stop = torch.tensor(bool(stop_requested), device=loss.device)
+        stop = torch.full((), bool(stop_requested), dtype=torch.bool, device=loss.device)  # a fill, not a copy
         if not self.cfg.health.watchdog:
             ok = torch.ones(len(CHECKS), dtype=torch.bool, device=loss.device)
             return torch.cat([torch.stack([finite, stop]), ok])

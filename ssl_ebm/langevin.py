@@ -124,7 +124,8 @@ class ChainBank:
 
 
 def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, sigma0: float,
-                     generator: torch.Generator | None = None, device=None, stats: dict | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, device=None, stats: dict | None = None,
+                     sampler=None) -> torch.Tensor:
     """n samples z- ~ p_alpha(z) for the negative phase of eq. 10, detached fp32 (n, Z).
 
     Persistent (cfg.persistent, Algorithm 1 step 2): draw n chains from `bank`, re-initialise each
@@ -132,7 +133,8 @@ def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, 
     randomness from the bank's generator. Short-run (not cfg.persistent; the authors' text code):
     fresh chains from p0 on every call, randomness from `generator` (or the global RNG); `bank` is
     ignored. `prior` must be the unwrapped prior module (free_energy and z_dim); `device` defaults
-    to that of its parameters. `stats`: see `langevin`.
+    to that of its parameters. `stats`: see `langevin`. `sampler`: a callable with the signature of
+    `langevin` without `prior` (langevin_graph.CapturedLangevin); default the eager `langevin`.
     """
     if device is None:
         device = next(prior.parameters()).device
@@ -147,8 +149,9 @@ def sample_negatives(prior, bank: ChainBank | None, n: int, cfg: SamplerConfig, 
         generator = bank.generator
     else:
         z_NZ = sigma0 * _randn((n, prior.z_dim), generator, torch.device(device))
-    z_NZ = langevin(prior, z_NZ.to(device), steps=cfg.steps, step_size=cfg.step_size, sigma0=sigma0,
-                    generator=generator, drift_clip=cfg.drift_clip, stats=stats)
+    run = sampler if sampler is not None else (lambda z, **kw: langevin(prior, z, **kw))
+    z_NZ = run(z_NZ.to(device), steps=cfg.steps, step_size=cfg.step_size, sigma0=sigma0,
+               generator=generator, drift_clip=cfg.drift_clip, stats=stats)
     if cfg.persistent:
         bank.put(idx_N, z_NZ)
     return z_NZ

@@ -6,23 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_ebm.config import ModelConfig, OptimConfig
+from pairings import PAIRINGS, tiny_config
+from ssl_ebm.config import OptimConfig
 from ssl_ebm.model import LatentEBM, batch_mutual_information
 
-PAIRINGS = {
-    "wrn+deconv 1x28x28": dict(encoder="wrn", generator="deconv", x_shape=(1, 28, 28)),
-    "wrn+deconv 3x32x32": dict(encoder="wrn", generator="deconv", x_shape=(3, 32, 32)),
-    "mlp+mlp gaussian": dict(encoder="mlp", generator="mlp", x_shape=(16,)),
-    "mlp+mlp multinomial": dict(encoder="mlp", generator="mlp", likelihood="multinomial", x_shape=(30,)),
-}
-TINY = dict(z_dim=6, num_classes=3, hidden=16, prior_hidden=16, wrn_depth=10, wrn_width=1, gen_channels=4)
 KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "logvar_min",
         "logvar_max"}
 
 
 def make(name: str, seed: int = 0, **kw) -> LatentEBM:
     torch.manual_seed(seed)
-    return LatentEBM(ModelConfig(**{**TINY, **PAIRINGS[name], **kw}))
+    return LatentEBM(tiny_config(name, **kw))
 
 
 def batch(model: LatentEBM, n_u: int = 5, n_l: int = 3, n_neg: int = 7):
@@ -184,3 +178,22 @@ def test_mutual_information_term():
     assert plain["mi"] == 0 and 0 < with_mi["mi"] <= math.log(3)
     torch.testing.assert_close(with_mi["loss"], plain["loss"] - 100.0 * with_mi["mi"])
     with_mi["loss"].backward()  # the term reaches the prior's class logits
+
+
+@pytest.mark.parametrize("name", [n for n in PAIRINGS if n.startswith("wrn")])
+def test_channels_last_gives_the_same_loss_and_gradients(name):
+    """The training loop puts image nets and batches in channels_last on GPU; the math must not change."""
+    model = make(name)
+    x_u, x_l, y_l, z_neg = batch(model)
+    eps = torch.randn(x_u.shape[0] + x_l.shape[0], model.cfg.z_dim)
+    ref = model(x_u, x_l, y_l, z_neg, eps=eps)["loss"]
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    model = model.to(memory_format=torch.channels_last)
+    cl = lambda x: x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    loss = model(cl(x_u), cl(x_l), y_l, z_neg, eps=eps)["loss"]
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-4, msg=n)

@@ -6,25 +6,14 @@ import pytest
 import torch
 
 from ssl_ebm.config import ConfigError, ModelConfig, SamplerConfig
+from pairings import PAIRINGS, tiny_config
 from ssl_ebm.nets import Prior, build_encoder, build_generator
 
-# Tiny nets for every encoder / generator / likelihood pairing (WRN-10-1, 4 base deconv channels).
-PAIRINGS = {
-    "wrn+deconv 1x28x28": dict(encoder="wrn", generator="deconv", x_shape=(1, 28, 28)),
-    "wrn+deconv 3x32x32": dict(encoder="wrn", generator="deconv", x_shape=(3, 32, 32)),
-    "mlp+mlp gaussian": dict(encoder="mlp", generator="mlp", x_shape=(16,)),
-    "mlp+mlp multinomial": dict(encoder="mlp", generator="mlp", likelihood="multinomial", x_shape=(30,)),
-}
-TINY = dict(z_dim=6, num_classes=3, hidden=16, prior_hidden=16, wrn_depth=10, wrn_width=1, gen_channels=4)
-
-
-def tiny(name: str, **kw) -> ModelConfig:
-    return ModelConfig(**{**TINY, **PAIRINGS[name], **kw})
 
 
 @pytest.mark.parametrize("name", PAIRINGS)
 def test_shapes_and_finite(name):
-    cfg = tiny(name)
+    cfg = tiny_config(name)
     x = torch.randn(4, *cfg.x_shape)
     mu, logvar = build_encoder(cfg)(x)
     assert mu.shape == logvar.shape == (4, cfg.z_dim)
@@ -39,7 +28,7 @@ def test_shapes_and_finite(name):
 
 
 def test_logvar_softly_bounded():
-    cfg = tiny("mlp+mlp gaussian")
+    cfg = tiny_config("mlp+mlp gaussian")
     enc = build_encoder(cfg)
     _, logvar = enc(1e4 * torch.randn(8, *cfg.x_shape))
     assert logvar.abs().max() <= 10.0
