@@ -280,9 +280,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
               flush=True)
     acc.wait_for_everyone()  # no rank tears the process group down while another still uses it
     acc.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # Tear gloo down before interpreter exit: left to exit, its threads can abort the process.
-        torch.distributed.destroy_process_group()
+    runtime.shutdown()
     return results
 
 
@@ -297,6 +295,8 @@ def main(argv=None) -> int:
         return 2
     except Preempted:
         return runtime.Preemption.EXIT_CODE
+    finally:
+        runtime.shutdown()  # every exit path, the requeue status included
     return 0
 
 

@@ -112,6 +112,13 @@ def _configure_deepspeed(plugin, cfg: Config) -> None:
         ds["torch_autocast"].setdefault("dtype", "bfloat16")
 
 
+def shutdown() -> None:
+    """Tear the process group down before interpreter exit (idempotent): left to exit, gloo's threads
+    can abort a finished process ("terminate called without an active exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def uses_deepspeed(accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
 
