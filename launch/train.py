@@ -248,6 +248,7 @@ def train(cfg: C.Config, raw: dict) -> dict:
                                     cfg, {**meta, "step": done, **monitor.checkpoint_health()})
             acc.print(f"stop signal received: checkpoint at step {done} written to {store.url}; exiting "
                       f"with status {runtime.Preemption.EXIT_CODE} so the job is requeued")
+            acc.end_training()  # flush the trackers
             raise Preempted()
         if meta.get("stopped_at") == done:
             acc.print(f"early stop at step {done}: no better validation accuracy in {cfg.health.patience} passes "
@@ -301,4 +302,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.exit_process(main())

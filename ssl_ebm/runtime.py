@@ -7,11 +7,14 @@ single process, as the launcher says), gathers tensors across processes, and ans
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
+import sys
 import warnings
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -117,6 +120,23 @@ def shutdown() -> None:
     can abort a finished process ("terminate called without an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a launcher-started process with `code` once its work is done and written.
+
+    One of several processes (WORLD_SIZE > 1) leaves at once with os._exit after flushing: even with
+    the process group destroyed, gloo's and DeepSpeed's C++ threads met by static destructors at
+    interpreter exit can abort a run that has finished ("terminate called without an active
+    exception", status -6 instead of 0 or the requeue status). Everything the run writes is closed
+    by then (checkpoints, logs, trackers). A single process exits normally.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def uses_deepspeed(accelerator) -> bool:
