@@ -2,9 +2,10 @@
 
     python -m ssl_ebm.bench --config configs/cifar10.yaml [section.key=value ...] [--steps 50]
 
-Measures, in one run: the full step (Langevin + forward + backward + Adam) with the batch already on
-the device, with the captured sampler (CUDA graph; the eager one on CPU) and with the eager one side
-by side; the sampler's share of the step; end to end with the real shard loader (when the config's
+Measures, in one run: the full step as the training loop runs it (Langevin on the persistent chains,
+forward, the per-step health check, backward, Adam) with the batch already on the device, with the
+captured sampler (a CUDA graph on GPU; its static-buffer program run eagerly on CPU) and with the
+eager one side by side; the sampler's share of the step; end to end with the real shard loader (when the config's
 shards exist or can be built); and peak memory. Runs on CPU too (use a small config).
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from ssl_ebm import config as C
 from ssl_ebm import data, health
-from ssl_ebm.langevin import ChainBank, langevin, sample_negatives
+from ssl_ebm.langevin import ChainBank, sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.model import LatentEBM
 
@@ -80,7 +81,7 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
     captured = CapturedLangevin(model.prior, enabled=s.cuda_graph)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
 
-    def negatives(sampler):  # Algorithm 1 step 2 as the training loop runs it
+    def negatives(sampler):  # Algorithm 1 step 2 as the training loop runs it (sampler None: eager)
         return sample_negatives(model.prior, bank, n, s, m.sigma0, sampler=sampler)
 
     monitor = health.Monitor(cfg)
@@ -95,7 +96,6 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    eager = lambda z, **k: langevin(model.prior, z, **k)  # noqa: E731
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "batch": {"unlabelled": bu, "labelled": bl, "chains": n}, "langevin_steps": s.steps,
@@ -103,8 +103,8 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
            "cuda_graph": s.cuda_graph}
     t_step = _timed(lambda: step(captured), steps, warmup, device)
     t_sampler = _timed(lambda: negatives(captured), steps, warmup, device)
-    t_step_eager = _timed(lambda: step(eager), steps, warmup, device)
-    t_sampler_eager = _timed(lambda: negatives(eager), steps, warmup, device)
+    t_step_eager = _timed(lambda: step(None), steps, warmup, device)
+    t_sampler_eager = _timed(lambda: negatives(None), steps, warmup, device)
     out.update(sampler_backend=captured.backend, graph_captures=captured.captures)
     out.update(step_ms=1e3 * t_step, samples_per_s=(bu + bl) / t_step, sampler_ms=1e3 * t_sampler,
                sampler_share=t_sampler / t_step, eager_step_ms=1e3 * t_step_eager,

@@ -13,7 +13,7 @@ How it stays exact and never stale:
   bitwise whichever one it uses.
 - The prior's parameters are read in place (optimizers update them in place, so the graph always
   sees the current weights). The graph is captured again whenever anything it baked in changes:
-  the chain count and dtype, the sampler settings, or any parameter's storage (a replaced
+  the chain count or device, the sampler settings, or any parameter's storage (a replaced
   parameter, a new state dict assigned rather than copied).
 - Parameters gathered per call (DeepSpeed ZeRO-3) would change storage every step: those priors
   use the eager sampler.
