@@ -281,7 +281,6 @@ def train(cfg: C.Config, raw: dict) -> dict:
               flush=True)
     acc.wait_for_everyone()  # no rank tears the process group down while another still uses it
     acc.end_training()
-    runtime.shutdown()
     return results
 
 

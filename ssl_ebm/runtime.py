@@ -131,6 +131,7 @@ def exit_process(code: int) -> NoReturn:
     exception", status -6 instead of 0 or the requeue status). Everything the run writes is closed
     by then (checkpoints, logs, trackers). A single process exits normally.
     """
+    shutdown()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(code)
     for stream in (sys.stdout, sys.stderr):

@@ -37,5 +37,4 @@ if acc.is_main_process:
     net = acc.unwrap_model(model)
     torch.save({"num_processes": w, "grads": {n: p.grad.clone() for n, p in net.named_parameters()}}, out)
 acc.wait_for_everyone()
-runtime.shutdown()  # tear gloo down and leave, as launch/train.py does
-runtime.exit_process(0)
+runtime.exit_process(0)  # tear gloo down and leave, as launch/train.py does
