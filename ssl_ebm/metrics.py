@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from ssl_ebm import runtime
+
 
 @torch.no_grad()
 def evaluate(predict_logits, batches, num_classes: int, device) -> dict:
@@ -27,8 +29,7 @@ def evaluate(predict_logits, batches, num_classes: int, device) -> dict:
         for m in (acc, per_class, f1):
             m.update(pred, y)
         count += len(y)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count)
+    runtime.sum_over_processes(count)
     if int(count) == 0:
         return {"count": 0}
     return {

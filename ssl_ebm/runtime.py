@@ -1,7 +1,11 @@
-"""The distributed runtime: the only module that touches accelerate, deepspeed or torch.distributed.
+"""The distributed runtime: the only module of the package that imports accelerate, deepspeed or torch.distributed.
 
 Model code is written for one device; this module builds the `Accelerator` (DDP, DeepSpeed ZeRO, or a
-single process, as the launcher says), gathers tensors across processes, and answers "who am I".
+single process, as the launcher says), gathers and sums tensors across processes, saves and loads the
+DeepSpeed engine's own files, gathers ZeRO-3 parameters, tears the process group down, and answers
+"who am I". Elsewhere the accelerator is used through its methods (prepare, backward, wait_for_everyone,
+print, log); torchmetrics (metrics.py) synchronises its own states over torch.distributed; outside the
+package, launch/slurm/accelerate_launch.py wraps Accelerate's launcher.
 """
 
 from __future__ import annotations
@@ -152,6 +156,25 @@ def zero_stage(accelerator) -> int:
 def gather(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` along dim 0 from every process (same size on each)."""
     return accelerator.gather(tensor.contiguous())
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` in place over every process (a collective when several run); returns it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def save_engine(engine, local_dir: str, tag: str) -> None:
+    """DeepSpeed writes this rank's shards of weights and optimizer state under `local_dir` (a collective)."""
+    engine.save_checkpoint(local_dir, tag=tag, save_latest=False)
+
+
+def load_engine(engine, local_dir: str, tag: str) -> bool:
+    """Load what `save_engine` wrote (every rank's files under `local_dir`); False if DeepSpeed could not."""
+    path, _ = engine.load_checkpoint(local_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    return path is not None
 
 
 def seed_everything(seed: int) -> None:
