@@ -35,6 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shards import make
 from ssl_ebm import config as C
 from ssl_ebm import data
 
@@ -217,7 +218,7 @@ def reproduce(args) -> dict:
     urls = {}
     for s in seeds:  # one shard build per seed, shared by all three methods
         shard_dir = work / f"seed{s}" / "shards"
-        urls[s] = data.ensure_shards(C.from_dict(C.Config, C._merge(raw, {"data": {
+        urls[s] = make.ensure(C.from_dict(C.Config, C._merge(raw, {"data": {
             "shards": str(shard_dir), "split_seed": s}})).data)
     manifest = data.read_manifest(urls[seeds[0]])
 

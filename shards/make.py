@@ -54,7 +54,8 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from shards import sources, text
-from ssl_ebm.data import FORMAT_VERSION, LABEL_FIELD, MANIFEST, SPLITS, DataError, url_to_fs
+from ssl_ebm.data import read_manifest
+from ssl_ebm.shard_format import BUILD_HINT, FORMAT_VERSION, LABEL_FIELD, MANIFEST, SPLITS, DataError, locate, url_to_fs
 
 OPTIONS: dict[str, Any] = {
     "shard_size": 5000,  # examples per shard
@@ -410,6 +411,34 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
 
 
 # ----------------------------------------------------------------------------- command line
+
+
+
+def ensure(data_cfg: Any) -> str:
+    """The shard URL of `data_cfg` (a config.DataConfig), building the shards there first if they are
+    missing and data_cfg.dataset names a source. Call it on one process first; the build writes the
+    manifest last, so an interrupted build never looks complete."""
+    url = data_cfg.shards
+    if not url:
+        raise DataError("data.shards is empty: set it to the URL of a shard directory (built by "
+                        "`python -m shards.make`, or built there on first use when data.dataset is set)")
+    fs, path = url_to_fs(locate(url)[1])
+    try:
+        exists = fs.exists(path)
+    except Exception as e:
+        raise DataError(f"cannot reach {url}: {type(e).__name__}: {e}. Check the URL, the bucket, "
+                        "credentials and the network") from None
+    if exists:
+        read_manifest(url)
+        return url
+    if not data_cfg.dataset:
+        raise DataError(f"no shards at {url} and data.dataset is empty: build them with "
+                        f"`{BUILD_HINT.format(url=url)}`, or set data.dataset (and data.source) to build "
+                        "them on first use")
+    build(data_cfg.dataset, url, source=data_cfg.source, num_labelled=data_cfg.num_labelled,
+          seed=data_cfg.split_seed, text=getattr(data_cfg, "text", "counts"),
+          vocab_size=getattr(data_cfg, "vocab_size", 30_000))
+    return url
 
 
 def main(argv: list[str] | None = None) -> int:

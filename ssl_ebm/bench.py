@@ -5,8 +5,8 @@
 Measures, in one run: the full step as the training loop runs it (Langevin on the persistent chains,
 forward, the per-step health check, backward, Adam) with the batch already on the device, with the
 captured sampler (a CUDA graph on GPU; its static-buffer program run eagerly on CPU) and with the
-eager one side by side; the sampler's share of the step; end to end with the real shard loader (when the config's
-shards exist or can be built); and peak memory. Runs on CPU too (use a small config).
+eager one side by side; the sampler's share of the step; end to end with the real shard loader (the config's
+shards must exist: `python -m shards.make`, or one training run, builds them); and peak memory. Runs on CPU too (use a small config).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
         torch.backends.cudnn.benchmark = True
     url = None
     if end_to_end and (cfg.data.shards or cfg.data.dataset):
-        url = data.ensure_shards(cfg.data)
+        url = cfg.data.shards  # built by `python -m shards.make` or a first training run
         manifest = data.read_manifest(url)
         cfg.model.x_shape, cfg.model.num_classes = tuple(manifest["x_shape"]), int(manifest["num_classes"])
     m, s = cfg.model, cfg.sampler

@@ -1,20 +1,15 @@
-"""Checkpoints on any fsspec storage (file://, memory://, s3:// with s3fs installed).
+"""The checkpoint store: named checkpoint directories of files on any fsspec storage (file://, memory://,
+s3:// with s3fs installed). It knows files, not training: what a checkpoint holds is state.py's.
 
 Layout under the checkpoint URL:
 
-    step-000200/model.pt        weights of the one module (encoder, generator, prior)
-    step-000200/optimizer.pt    optimizer and learning-rate schedule (under DeepSpeed: the schedule only)
-    step-000200/deepspeed/...   under DeepSpeed ZeRO: the engine's sharded weights and optimizer state,
-                                each process's files as `engine.save_checkpoint` wrote them
-    step-000200/rank-00000.pt   one per process: its persistent chains and RNG states
-    step-000200/config.yaml     the resolved config
-    step-000200/meta.json       step, world size, ZeRO stage, extra state (best validation, NaN skips, ...)
+    step-000200/...             a checkpoint of the run at step 200 (its files: ssl_ebm/state.py)
     step-000200/COMPLETE        written last; a directory without it is ignored
     best-000150/...             the weights that scored best on validation, same rule
 
 `model.pt` always holds the full weights (gathered under ZeRO-3), so evaluation and `load_weights`
 never need DeepSpeed. A save killed halfway leaves a directory without COMPLETE, so it never looks complete, and the
-previous checkpoint stays loadable. Only directories older than the newest complete one are removed.
+previous checkpoint stays loadable. Only directories older than the newest complete one are pruned.
 """
 
 from __future__ import annotations
@@ -23,19 +18,13 @@ import io
 import json
 import os
 import re
-import tempfile
 import uuid
 from pathlib import Path
 
 import fsspec
 import torch
 
-from ssl_ebm import config as C
-from ssl_ebm.runtime import RngState, full_params, zero_stage
-
 MARKER = "COMPLETE"
-ENGINE_DIR = "deepspeed"  # the DeepSpeed engine's own files, inside a checkpoint directory
-ENGINE_TAG = "state"  # the tag `engine.save_checkpoint` files them under
 _STEP_RE = re.compile(r"^(step|best)-(\d+)$")
 
 
@@ -136,6 +125,12 @@ class CheckpointStore:
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         self.fs.put_file(local, target)
 
+    def upload_tree(self, local_dir: str, name: str, folder: str) -> None:
+        """Copy every file under the local directory `local_dir` to `<name>/<folder>/`, keeping relative paths."""
+        for path in sorted(Path(local_dir).rglob("*")):
+            if path.is_file():
+                self.upload(str(path), name, f"{folder}/{path.relative_to(local_dir).as_posix()}")
+
     def download_tree(self, name: str, folder: str, local_dir: str) -> int:
         """Copy every file under `<name>/<folder>` to `local_dir`, keeping relative paths; returns the count."""
         root = self._path(name, folder)
@@ -147,7 +142,12 @@ class CheckpointStore:
             self.fs.get_file(remote, local)
         return len(files)
 
-    # ------------------------------------------------------------------ pruning
+    # ------------------------------------------------------------------ removing
+    def remove(self, names: list[str]) -> None:
+        """Delete the checkpoint directories `names`, whole."""
+        for name in names:
+            self.fs.rm(self._path(name), recursive=True)
+
     def prune(self, kind: str, keep: int) -> None:
         """Keep the newest `keep` complete checkpoints of `kind`; drop older ones and dead partial saves."""
         found = self.complete(kind)
@@ -160,8 +160,7 @@ class CheckpointStore:
             m = _STEP_RE.match(name)
             if m and m.group(1) == kind and int(m.group(2)) < newest and not self.fs.exists(self._path(name, MARKER)):
                 doomed.add(name)
-        for name in doomed:
-            self.fs.rm(self._path(name), recursive=True)
+        self.remove(sorted(doomed))
 
 
 def resolve_resume(store: CheckpointStore, resume: str) -> tuple[CheckpointStore, str] | None:
@@ -178,105 +177,6 @@ def resolve_resume(store: CheckpointStore, resume: str) -> tuple[CheckpointStore
         raise CheckpointError(f"train.resume={resume!r} is not a complete checkpoint (no {MARKER} file); "
                               "use resume=auto, resume=never, or the URL of a complete step-NNNNNN directory")
     return other, name
-
-
-# ----------------------------------------------------------------------------- training state
-
-
-def save_training_state(store: CheckpointStore, name: str, acc, model, optimizer, scheduler, bank, cfg,
-                        meta: dict) -> None:
-    """Every rank writes its chains and RNG states (and, under DeepSpeed, its engine shards); the main
-    process then writes the full weights, schedule, config and meta, and COMPLETE last.
-
-    A collective: every rank calls it.
-    """
-    rank_state = {"rng": RngState.capture().to_dict(), "bank": bank.state_dict() if bank else None}
-    store.write_torch(name, f"rank-{acc.process_index:05d}.pt", rank_state)
-    stage = zero_stage(acc)
-    if stage:
-        _save_engine(store, name, model)
-    weights = _full_state_dict(acc, model)
-    acc.wait_for_everyone()  # every rank's files are written before COMPLETE
-    if acc.is_main_process:
-        store.write_torch(name, "model.pt", weights)
-        store.write_torch(name, "optimizer.pt", {"optimizer": None if stage else optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict()})
-        store.write_bytes(name, "config.yaml", C.dump_config(cfg).encode())
-        store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes, "zero_stage": stage})
-        store.mark_complete(name)
-        kind = name.split("-")[0]
-        store.prune(kind, cfg.train.keep_last if kind == "step" else 1)
-    acc.wait_for_everyone()
-
-
-def load_training_state(store: CheckpointStore, name: str, acc, model, optimizer, scheduler, bank) -> dict:
-    """Restore what `save_training_state` wrote; returns its meta (step, best validation, ...)."""
-    meta = store.read_json(name, "meta.json")
-    saved, here = (meta.get("zero_stage", 0), meta["world_size"]), (zero_stage(acc), acc.num_processes)
-    if (saved[0] or here[0]) and saved != here:
-        raise CheckpointError(
-            f"{store.url_of(name)} was saved by {saved[1]} process(es) with {_describe(saved[0])}; this run has "
-            f"{here[1]} with {_describe(here[0])}. DeepSpeed's sharded optimizer state resumes only as it was "
-            "saved: launch with the same accelerate config and process count, or start a new run with "
-            "train.resume=never (and train.checkpoint_dir elsewhere)")
-    opt = store.read_torch(name, "optimizer.pt")
-    if here[0]:
-        _load_engine(store, name, model)
-        scheduler.load_state_dict(opt["scheduler"])
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the schedule's rate for the next step, whatever the engine restored
-    else:
-        acc.unwrap_model(model).load_state_dict(store.read_torch(name, "model.pt"))
-        optimizer.load_state_dict(opt["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-    rank_file = f"rank-{acc.process_index:05d}.pt"
-    if store.exists(name, rank_file) and meta["world_size"] == acc.num_processes:
-        state = store.read_torch(name, rank_file)
-        if bank is not None and state["bank"] is not None:
-            bank.load_state_dict(state["bank"])
-        RngState.from_dict(state["rng"]).restore()
-    else:
-        acc.print(f"note: {store.url_of(name)} was saved by {meta['world_size']} processes, this run has "
-                  f"{acc.num_processes}: weights and optimizer resume, chains and RNG start fresh")
-    return meta
-
-
-def _describe(stage: int) -> str:
-    return f"DeepSpeed ZeRO-{stage}" if stage else "DDP (no DeepSpeed)"
-
-
-def _full_state_dict(acc, model) -> dict | None:
-    """The full weights on the main process (None elsewhere); under ZeRO-3 a collective gather."""
-    net = acc.unwrap_model(model)
-    with full_params(acc, net):
-        if not acc.is_main_process:
-            return None
-        return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-
-
-def _save_engine(store: CheckpointStore, name: str, engine) -> None:
-    """DeepSpeed writes each rank's shards to local disk (a collective); every rank uploads its own files.
-
-    A local temporary directory per rank, so nodes need no shared file system ($TMPDIR picks the disk).
-    """
-    with tempfile.TemporaryDirectory(prefix="ssl_ebm_zero_") as tmp:
-        engine.save_checkpoint(tmp, tag=ENGINE_TAG, save_latest=False)
-        for path in sorted(Path(tmp).rglob("*")):
-            if path.is_file():
-                store.upload(str(path), name, f"{ENGINE_DIR}/{path.relative_to(tmp).as_posix()}")
-
-
-def _load_engine(store: CheckpointStore, name: str, engine) -> None:
-    """Every rank fetches the engine files (DeepSpeed reads other ranks' shards too) and loads them."""
-    with tempfile.TemporaryDirectory(prefix="ssl_ebm_zero_") as tmp:
-        if store.download_tree(name, ENGINE_DIR, tmp) == 0:
-            raise CheckpointError(f"{store.url_of(name)}/{ENGINE_DIR}/ is missing or empty; the checkpoint is "
-                                  "damaged: delete it or resume from another")
-        path, _ = engine.load_checkpoint(tmp, tag=ENGINE_TAG, load_module_strict=True, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {store.url_of(name)}/{ENGINE_DIR}/; the checkpoint "
-                                  "is damaged: delete it or resume from another")
 
 
 def load_weights(url: str) -> dict:

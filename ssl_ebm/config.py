@@ -153,11 +153,20 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam with one parameter group per part (eta_0 prior, eta_1 generator, eta_2 encoder)."""
+    """Adam with one parameter group per part, and how the rates map to Algorithm 1's (eta_0, eta_1, eta_2).
 
-    lr_prior: float = 1e-5
-    lr_generator: float = 1e-3
-    lr_encoder: float = 1e-3
+    Algorithm 1 makes three updates per step; here one scalar loss carries all three and Adam takes one
+    step with a rate per part: eta_0 (step 4, the prior on F(z+) - F(z-)) is lr_prior; eta_1 (step 5,
+    encoder and generator on the ELBO) is lr_encoder and lr_generator, which may differ; eta_2 (step 6,
+    the supervised step for prior and encoder) has no rate of its own: the cross-entropy is in the same
+    loss, weighted by model.labelled_weight, and moves the prior at lr_prior and the encoder at lr_encoder
+    (the generator gets no supervised gradient). With plain SGD that weight would be eta_2 / eta_0; Adam
+    normalises the summed gradient, so it sets the supervised term's share of each step instead.
+    """
+
+    lr_prior: float = 1e-5  # eta_0 (Algorithm 1, step 4)
+    lr_generator: float = 1e-3  # eta_1 for the generator (step 5)
+    lr_encoder: float = 1e-3  # eta_1 for the encoder (step 5)
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -225,8 +234,6 @@ class HealthConfig:
     max_recoveries: int = 3  # recoveries per run before giving up with an error
     lr_prior_factor: float = 0.5  # the remedy: the prior's learning rate is multiplied by this per recovery
     patience: int = 0  # validation passes without a better accuracy before stopping early (0 = never)
-    fault_at_step: int = 0  # tests only: from this step the prior lr is fault_lr_prior until a restore (0 = off)
-    fault_lr_prior: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.max_abs_energy > 0, "health.max_abs_energy", f"got {self.max_abs_energy}; must be > 0")
@@ -237,10 +244,6 @@ class HealthConfig:
         _check(0 < self.lr_prior_factor <= 1, "health.lr_prior_factor",
                f"got {self.lr_prior_factor}; must be in (0, 1] (1 restores without lowering the prior lr)")
         _check(self.patience >= 0, "health.patience", f"got {self.patience}; must be >= 0 (0 = no early stopping)")
-        _check(self.fault_at_step >= 0, "health.fault_at_step", "must be >= 0 (0 = off)")
-        _check(self.fault_lr_prior >= 0, "health.fault_lr_prior", "must be >= 0")
-        _check((self.fault_at_step > 0) == (self.fault_lr_prior > 0), "health.fault_at_step",
-               "set health.fault_at_step and health.fault_lr_prior together (both > 0), or neither")
 
 
 @dataclass

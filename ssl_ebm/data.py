@@ -5,7 +5,6 @@ Shards are written by `python -m shards.make` (layout in shards/make.py); this m
     read_manifest(url)            the checked manifest.json of a shard directory
     train_batches(url, ...)       endless {"x_u", "x_l", "y_l"} batches for one rank
     eval_batches(url, split, ...) one pass over a split: {"x", "y", "idx"}
-    ensure_shards(data_cfg)       the shard URL, building the shards first if the config names a dataset
 
 Shapes: B = batch size, x_shape = manifest["x_shape"] ((C, H, W) images, (D,) vectors, (V,) counts).
 Decoding: images uint8 -> float32 x / 127.5 - 1; vectors are stored standardised float32; word counts
@@ -59,45 +58,22 @@ import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import filters as wds_filters
 from webdataset import tariterators
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SPLITS = ("labelled", "unlabelled", "val", "test")
-KINDS = ("image", "vector", "counts")
-X_FIELDS = {"image": ("npy", "png", "jpg"), "vector": ("npy",), "counts": ("bow.npy",)}
-LABEL_FIELD = "cls"
+from ssl_ebm.shard_format import (  # noqa: F401 - DataError and the constants are part of this module's API
+    FORMAT_VERSION, KINDS, LABEL_FIELD, MANIFEST, SPLITS, X_FIELDS, DataError, url_to_fs)
+from ssl_ebm.shard_format import BUILD_HINT as _BUILD_HINT
+from ssl_ebm.shard_format import locate as _locate
+
 _REQUIRED_KEYS = ("format_version", "dataset", "kind", "x_shape", "num_classes", "class_names", "splits",
                   "x_field", "stored_shape", "stored_dtype", "unlabelled_stream")
-_BUILD_HINT = "python -m shards.make --dataset NAME --source PATH --out {url}"
-
-
-class DataError(ValueError):
-    """Bad or missing data (manifest, shard, sample or source file); the message names it and says what to do."""
 
 
 # ----------------------------------------------------------------------------- manifest and storage
-
-
-def _locate(url: str) -> tuple[str, str]:
-    """(shard directory URL, manifest URL) for a directory URL or a manifest.json URL."""
-    url = str(url).rstrip("/")
-    if url.endswith(".json"):
-        return url.rsplit("/", 1)[0] if "/" in url else ".", url
-    return url, f"{url}/{MANIFEST}"
-
-
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec filesystem and path for `url`, or a DataError saying which backend to install."""
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise DataError(f"cannot open {url!r}: {e}. Install that fsspec backend, or fix the URL") from None
 
 
 def _read_bytes(url: str, what: str) -> bytes:
@@ -120,7 +96,7 @@ def read_manifest(url: str) -> dict:
     except FileNotFoundError:
         raise DataError(f"no shards at {root}: {murl} does not exist. Build them with "
                         f"`{_BUILD_HINT.format(url=root)}`, or set data.dataset (and data.source) so "
-                        "ensure_shards builds them") from None
+                        "launch/train.py builds them on first use") from None
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -566,35 +542,3 @@ def eval_batches(url: str, split: str, *, batch_size: int, rank: int = 0, world_
     manifest = read_manifest(url)
     _split_info(manifest, split, url)
     return _loader(_EvalStream(url, manifest, split, batch_size, rank, world_size, num_workers), num_workers)
-
-
-# ----------------------------------------------------------------------------- building on demand
-
-
-def ensure_shards(data_cfg: Any) -> str:
-    """The shard URL of `data_cfg` (a config.DataConfig), building the shards there first if they are
-    missing and data_cfg.dataset names a source. Call it on one process first; the build writes the
-    manifest last, so an interrupted build never looks complete."""
-    url = data_cfg.shards
-    if not url:
-        raise DataError("data.shards is empty: set it to the URL of a shard directory (built by "
-                        "`python -m shards.make`, or built there on first use when data.dataset is set)")
-    fs, path = url_to_fs(_locate(url)[1])
-    try:
-        exists = fs.exists(path)
-    except Exception as e:
-        raise DataError(f"cannot reach {url}: {type(e).__name__}: {e}. Check the URL, the bucket, "
-                        "credentials and the network") from None
-    if exists:
-        read_manifest(url)
-        return url
-    if not data_cfg.dataset:
-        raise DataError(f"no shards at {url} and data.dataset is empty: build them with "
-                        f"`{_BUILD_HINT.format(url=url)}`, or set data.dataset (and data.source) to build "
-                        "them on first use")
-    from shards.make import build
-
-    build(data_cfg.dataset, url, source=data_cfg.source, num_labelled=data_cfg.num_labelled,
-          seed=data_cfg.split_seed, text=getattr(data_cfg, "text", "counts"),
-          vocab_size=getattr(data_cfg, "vocab_size", 30_000))
-    return url

@@ -20,7 +20,6 @@ import math
 
 import torch
 
-from ssl_ebm.checkpoint import load_training_state
 from ssl_ebm.config import Config, HealthConfig
 
 PARTS = ("encoder", "generator", "prior")
@@ -115,33 +114,6 @@ def early_stop(cfg: HealthConfig, meta: dict, improved: bool) -> bool:
     return cfg.patience > 0 and meta["evals_since_best"] >= cfg.patience
 
 
-def _prior_groups(scheduler) -> list[int]:
-    groups = [i for i, g in enumerate(scheduler.optimizer.param_groups) if g.get("name") == "prior"]
-    if not groups:
-        raise TrainingError("the optimizer has no parameter group named 'prior' (see LatentEBM.param_groups)")
-    return groups
-
-
-def _set_schedule_position(scheduler, step: int) -> None:
-    """Put a LambdaLR at `step` with its current base rates (the loop's step count goes on after a restore)."""
-    scheduler.last_epoch = step
-    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * factor(step)
-    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
-
-
-def inject_fault(cfg: HealthConfig, done: int, scheduler) -> None:
-    """Tests only: from update `health.fault_at_step` on, the prior's learning rate is health.fault_lr_prior.
-
-    It is set in the schedule's base rate, so it stays until a restore brings back the checkpoint's
-    schedule: a bad setting that the watchdog's rollback undoes.
-    """
-    if cfg.fault_at_step and done == cfg.fault_at_step:
-        for i in _prior_groups(scheduler):
-            scheduler.base_lrs[i] = cfg.fault_lr_prior
-            scheduler.optimizer.param_groups[i]["lr"] = cfg.fault_lr_prior
-
-
 def restore_point(complete: list[tuple[int, str]], step: int, last: int | None) -> tuple[int, str] | None:
     """The (step, name) to go back to after the check at step index `step` failed, from the complete step
     checkpoints `complete` (oldest first): the newest before `step`; but if none newer than the last
@@ -199,49 +171,40 @@ class Watchdog:
         where = f" on rank(s) {', '.join(map(str, ranks))}" if status_RC.shape[0] > 1 else ""
         return "; ".join(seen) + where
 
-    def recover(self, done: int, status_RC: torch.Tensor, terms: dict, model, optimizer, scheduler, bank,
-                meta: dict) -> None:
-        """Called on every rank at the step whose checks failed (before any update from it)."""
+    def recover(self, done: int, status_RC: torch.Tensor, terms: dict, state) -> None:
+        """Called on every rank at the step whose checks failed (before any update from it); `state` is the
+        run's TrainingState, its counters are updated here."""
         h, step = self.cfg.health, done - 1  # the failed check was of the weights and chains at step index `step`
-        saw = self.describe(status_RC, terms)
-        meta["recoveries"] = meta.get("recoveries", 0) + 1
-        if meta["recoveries"] > h.max_recoveries:
+        saw, counters = self.describe(status_RC, terms), state.counters
+        counters["recoveries"] = counters.get("recoveries", 0) + 1
+        if counters["recoveries"] > h.max_recoveries:
             raise TrainingError(
                 f"step {done}: {saw}; the watchdog gave up after {h.max_recoveries} recoveries "
                 f"(health.max_recoveries). Start with a lower optim.lr_prior (the remedy that worked in "
                 "docs/HEALTH.md), or raise health.max_recoveries; the best checkpoint on validation so far is kept")
         complete = self.store.complete("step")
         calm = [(s, n) for s, n in complete if self._calm(n)]
-        point = restore_point(calm, step, meta.get("restored_from")) or \
-            restore_point(complete, step, meta.get("restored_from"))
+        point = restore_point(calm, step, counters.get("restored_from")) or \
+            restore_point(complete, step, counters.get("restored_from"))
         if point is None:
             raise TrainingError(f"step {done}: {saw}; the watchdog found no checkpoint before step {step} in "
                                 f"{self.store.url} to go back to")
         # Checkpoints after the restore point belong to the timeline that failed (the one at `step` holds the
-        # very weights that failed): drop them, so that neither a later recovery nor resume=auto goes there.
+        # very weights that failed): dropped, so that neither a later recovery nor resume=auto goes there.
         dropped = [n for s, n in complete if s > point[0]]
-        if self.acc.is_main_process:
-            for n in dropped:
-                self.store.fs.rm(f"{self.store.root}/{n}", recursive=True)
-        self.acc.wait_for_everyone()
-        optimizer.zero_grad(set_to_none=True)  # nothing accumulated before the failed check survives it
-        meta["restored_from"], name = point
-        saved = load_training_state(self.store, name, self.acc, model, optimizer, scheduler, bank)
-        if bank is not None:
-            bank.reinit(1.0)  # every chain back to p0: runaway chains would drag the prior off again
+        counters["restored_from"], name = point
+        saved = state.roll_back(self.store, name, dropped)
         # The remedy compounds: the checkpoint's prior lr times the factor once per recovery since it was saved.
-        prior = _prior_groups(scheduler)
-        lr_before = scheduler.base_lrs[prior[0]]
-        for i in prior:
-            scheduler.base_lrs[i] *= h.lr_prior_factor ** (meta["recoveries"] - saved.get("recoveries", 0))
-        _set_schedule_position(scheduler, done)  # the skipped and rolled-back steps still count
-        chains = f"reset {len(bank)} chains to p0, " if bank is not None else ""
+        lr_before = state.prior_lr()
+        state.scale_prior_lr(h.lr_prior_factor ** (counters["recoveries"] - saved.get("recoveries", 0)))
+        state.set_schedule_position(done)  # the skipped and rolled-back steps still count
+        chains = f"reset {len(state.bank)} chains to p0, " if state.bank is not None else ""
         drop = f" (dropped {', '.join(dropped)})" if dropped else ""
         line = (f"watchdog: step {done}: {saw}; restored {name}{drop}, {chains}prior lr "
-                f"{lr_before:.3g} -> {scheduler.base_lrs[prior[0]]:.3g} (recovery {meta['recoveries']} of "
+                f"{lr_before:.3g} -> {state.prior_lr():.3g} (recovery {counters['recoveries']} of "
                 f"{h.max_recoveries})")
         self.acc.print(line, flush=True)
-        self.acc.log({"health/recoveries": meta["recoveries"]}, step=done)
+        self.acc.log({"health/recoveries": counters["recoveries"]}, step=done)
         if self.jsonl is not None:
-            self.jsonl.write({"step": done, "watchdog": line, "recoveries": meta["recoveries"]})
+            self.jsonl.write({"step": done, "watchdog": line, "recoveries": counters["recoveries"]})
             self.jsonl.flush()

@@ -9,11 +9,20 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import tempfile
 
 import fsspec
 import numpy as np
 import torch
 from einops import rearrange
+
+
+def tensorboard_dir(out_dir: str) -> str:
+    """TensorBoard writes to local disk: the run directory when it is local, else a temporary one."""
+    if "://" not in out_dir or out_dir.startswith("file://"):
+        return os.path.join(out_dir.removeprefix("file://"), "tensorboard")
+    return tempfile.mkdtemp(prefix="ssl_ebm_tb_")
 
 
 class JsonlLog:

@@ -29,21 +29,24 @@ def free_port() -> int:
 
 
 def run_train(args: list[str], *, nproc: int = 1, check: bool = True, timeout: int = 600,
-              env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+              env: dict | None = None, launcher: list[str] | None = None,
+              script: Path | None = None) -> subprocess.CompletedProcess:
     """Run launch/train.py as a user would: plain python, or `accelerate launch` with nproc CPU processes.
 
     `launcher`: `accelerate launch` arguments in place of the gloo DDP recipe, e.g.
     `["--config_file", "configs/accelerate/zero2.yaml"]` for DeepSpeed (which finds the CPU itself).
+    `script`: a test script that wraps launch/train.py (tests/scripts/train_with_fault.py).
     """
+    script = script or REPO / "launch" / "train.py"
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc == 1 and launcher is None:
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args]
+        cmd = [sys.executable, str(script), *args]
     else:
         if launcher is None:  # the launch recipe of shared/NOTES.md: gloo DDP on CPU
             full_env["ACCELERATE_USE_CPU"] = "1"
             launcher = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(nproc),
-               "--main_process_port", str(free_port()), str(REPO / "launch" / "train.py"), *args]
+               "--main_process_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

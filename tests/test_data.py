@@ -17,8 +17,7 @@ from shard_files import (
     ag_news_rows, read_split, rewrite_shard, to_uint8_hwc, write_ag_csv, write_cifar_python,
 )
 from shards.make import build
-from ssl_ebm.config import DataConfig
-from ssl_ebm.data import DataError, ensure_shards, eval_batches, read_manifest, split_urls, train_batches
+from ssl_ebm.data import DataError, eval_batches, read_manifest, split_urls, train_batches
 
 
 def take(stream, n: int) -> list[dict]:
@@ -287,25 +286,3 @@ def test_bad_arguments(cifar):
         eval_batches(str(cifar), "test", batch_size=2, rank=2, world_size=2)
     with pytest.raises(DataError, match="fewer than the 32 readers"):
         train_batches(str(cifar), batch_unlabelled=2, batch_labelled=0, seed=0, world_size=8, num_workers=4)
-
-
-# ----------------------------------------------------------------------------- ensure_shards
-
-
-def test_ensure_shards_builds_once_and_explains_what_is_missing(tmp_path, monkeypatch):
-    url = str(tmp_path / "digits")
-    cfg = DataConfig(shards=url, dataset="digits", num_labelled=50, split_seed=3)
-    assert ensure_shards(cfg) == url
-    m = read_manifest(url)
-    assert m["splits"]["labelled"]["count"] == 50 and m["seed"] == 3
-    import shards.make
-
-    monkeypatch.setattr(shards.make, "build", lambda *a, **k: pytest.fail("rebuilt complete shards"))
-    assert ensure_shards(cfg) == url
-    monkeypatch.undo()
-    (tmp_path / "digits" / "manifest.json").unlink()  # as an interrupted build leaves it
-    assert ensure_shards(cfg) == url and read_manifest(url)["splits"]["labelled"]["count"] == 50
-    with pytest.raises(DataError, match=r"no shards at .*nothing and data.dataset is empty: build them with"):
-        ensure_shards(DataConfig(shards=str(tmp_path / "nothing")))
-    with pytest.raises(DataError, match="data.shards is empty"):
-        ensure_shards(DataConfig(dataset="digits"))

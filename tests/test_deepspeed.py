@@ -207,7 +207,8 @@ def test_engine_files_round_trip_through_fsspec(tmp_path, url):
 @pytest.mark.parametrize("saved,here", [((3, 2), (0, 2)), ((0, 2), (2, 2)), ((2, 2), (2, 4))])
 def test_zero_checkpoint_resumes_only_as_it_was_saved(tmp_path, saved, here):
     """(ZeRO stage, processes) of the checkpoint vs the run: a mismatch involving ZeRO is one clear error."""
-    from ssl_ebm.checkpoint import CheckpointError, load_training_state
+    from ssl_ebm.checkpoint import CheckpointError
+    from ssl_ebm.state import TrainingState
 
     store = CheckpointStore(str(tmp_path / "ckpt"))
     store.write_json("step-000010", "meta.json", {"step": 10, "world_size": saved[1], "zero_stage": saved[0]})
@@ -216,4 +217,4 @@ def test_zero_checkpoint_resumes_only_as_it_was_saved(tmp_path, saved, here):
     acc = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), num_processes=here[1],
                                 process_index=0)
     with pytest.raises(CheckpointError, match="resumes only as it was saved.*train.resume=never"):
-        load_training_state(store, "step-000010", acc, None, None, None, None)
+        TrainingState(acc, None, None, None, None, cfg=None).load(store, "step-000010")

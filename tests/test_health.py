@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,9 @@ from ssl_ebm import health
 from ssl_ebm.langevin import ChainBank, langevin, sample_negatives
 from ssl_ebm.model import LatentEBM
 from ssl_ebm.nets import Prior
+from ssl_ebm.state import lr_factor
+
+FAULT = REPO / "tests" / "scripts" / "train_with_fault.py"  # launch/train.py with a fault injected
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 SMALL = dict(x_shape=(6,), num_classes=3, z_dim=4, hidden=16, prior_hidden=16)
@@ -116,10 +118,7 @@ def test_per_part_learning_rates_and_warmup():
     opt.step()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]) == name.startswith("prior."), name  # lr_prior=0 freezes the prior only
-    sys.path.insert(0, str(REPO / "launch"))
-    import train as train_script
-
-    factor = train_script.lr_lambda(optim, steps=100)
+    factor = lr_factor(optim, steps=100)
     assert [factor(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
@@ -185,7 +184,7 @@ def test_early_stop_counts_passes_without_improvement():
 @pytest.mark.parametrize("overrides, fragment", [
     ({"health": {"lr_prior_factor": 0}}, "health.lr_prior_factor"),
     ({"health": {"max_abs_energy": -1}}, "health.max_abs_energy"),
-    ({"health": {"fault_at_step": 5}}, "health.fault_at_step"),
+    ({"health": {"max_recoveries": -1}}, "health.max_recoveries"),
     ({"health": {"patience": 3}}, "train.eval_every is 0"),
     ({"health": {"max_recoverys": 3}}, "did you mean 'health.max_recoveries'"),
 ])
@@ -202,8 +201,8 @@ def test_watchdog_recovers_from_a_forced_divergence(digits_shards, tmp_path):
     step-000010 (step-000015 already holds the blown-up weights and is dropped), with half the prior lr,
     and finishes."""
     out = tmp_path / "fault"
-    proc = run_train(tiny(digits_shards, out, "train.steps=40", "train.checkpoint_every=5", "optim.lr_prior=1e-5",
-                          "health.fault_at_step=15", "health.fault_lr_prior=1e4"))
+    proc = run_train(["15", "1e4", *tiny(digits_shards, out, "train.steps=40", "train.checkpoint_every=5",
+                                         "optim.lr_prior=1e-5")], script=FAULT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("watchdog:")]
     assert len(lines) == 1, proc.stdout
     assert lines[0].startswith("watchdog: step 16: ") and "|F| above 1000 (health.max_abs_energy)" in lines[0]
@@ -236,8 +235,8 @@ def test_watchdog_recovers_from_a_forced_divergence(digits_shards, tmp_path):
 @pytest.mark.slow
 def test_watchdog_recovers_identically_on_two_processes(digits_shards, tmp_path):
     out = tmp_path / "fault2"
-    proc = run_train(tiny(digits_shards, out, "train.steps=30", "train.checkpoint_every=5", "optim.lr_prior=1e-5",
-                          "health.fault_at_step=15", "health.fault_lr_prior=1e4"), nproc=2)
+    proc = run_train(["15", "1e4", *tiny(digits_shards, out, "train.steps=30", "train.checkpoint_every=5",
+                                         "optim.lr_prior=1e-5")], nproc=2, script=FAULT)
     assert len([line for line in proc.stdout.splitlines() if line.startswith("watchdog: step 16: ")]) == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["recoveries"] == 1

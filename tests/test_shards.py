@@ -15,8 +15,9 @@ from shard_files import (
     SHARED, ag_news_rows, balanced_labels, images, jpeg_npz, read_split, standardised, tabular_npz, tar_gz,
     to_uint8_hwc, write_ag_csv, write_casp, write_cifar_python, write_hepmass, write_idx, write_miniboone, write_svhn,
 )
-from shards import sources, text
-from shards.make import build, main, plan_splits
+from shards import make, sources, text
+from shards.make import build, ensure, main, plan_splits
+from ssl_ebm.config import DataConfig
 from ssl_ebm.data import SPLITS, DataError, read_manifest
 
 
@@ -563,3 +564,23 @@ def test_bad_names_and_options(tmp_path):
         write_svhn(tmp_path)
         build("svhn", str(tmp_path / "s"), str(tmp_path), num_labelled=10, num_val=5, image_format="jpg",
               progress=False)
+
+
+# ----------------------------------------------------------------------------- ensure: build on first use
+
+
+def test_ensure_builds_once_and_explains_what_is_missing(tmp_path, monkeypatch):
+    url = str(tmp_path / "digits")
+    cfg = DataConfig(shards=url, dataset="digits", num_labelled=50, split_seed=3)
+    assert ensure(cfg) == url
+    m = read_manifest(url)
+    assert m["splits"]["labelled"]["count"] == 50 and m["seed"] == 3
+    monkeypatch.setattr(make, "build", lambda *a, **k: pytest.fail("rebuilt complete shards"))
+    assert ensure(cfg) == url
+    monkeypatch.undo()
+    (tmp_path / "digits" / "manifest.json").unlink()  # as an interrupted build leaves it
+    assert ensure(cfg) == url and read_manifest(url)["splits"]["labelled"]["count"] == 50
+    with pytest.raises(DataError, match=r"no shards at .*nothing and data.dataset is empty: build them with"):
+        ensure(DataConfig(shards=str(tmp_path / "nothing")))
+    with pytest.raises(DataError, match="data.shards is empty"):
+        ensure(DataConfig(dataset="digits"))
