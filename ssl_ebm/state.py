@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -85,8 +86,9 @@ class TrainingState:
         runtime.seed_everything(cfg.train.seed * 7919 + acc.process_index + 1)  # per-rank noise
         return cls(acc, model, optimizer, scheduler, bank, cfg)
 
-    @property
+    @cached_property
     def net(self) -> LatentEBM:
+        """The module itself, unwrapped from DDP or the DeepSpeed engine (the same object all run long)."""
         return self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ saving and loading
