@@ -185,6 +185,7 @@ def test_early_stop_counts_passes_without_improvement():
     ({"health": {"lr_prior_factor": 0}}, "health.lr_prior_factor"),
     ({"health": {"max_abs_energy": -1}}, "health.max_abs_energy"),
     ({"health": {"max_recoveries": -1}}, "health.max_recoveries"),
+    ({"health": {"fault_at_step": 5}}, "health.fault_at_step: unknown config key"),  # faults are a test hook only
     ({"health": {"patience": 3}}, "train.eval_every is 0"),
     ({"health": {"max_recoverys": 3}}, "did you mean 'health.max_recoveries'"),
 ])
