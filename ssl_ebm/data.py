@@ -46,7 +46,7 @@ Storage: any fsspec URL. memory:// lives inside one process, so with num_workers
 where DataLoader workers are forked (the Linux default).
 
 Integrity. Every shard read is checked against the manifest: its sha256 (bytes past a consumer's range
-are hashed but not parsed), its sample count and order, every sample's fields, dtype, shape and label.
+are hashed but not parsed), its sample count and order, every sample's fields, dtype, shape and label, and that float features are finite.
 Anything wrong raises DataError naming the shard and sample and saying what to do; nothing is skipped.
 """
 
@@ -334,10 +334,11 @@ class _Decoder:
         data = sample[self.field]
         if self.field == "npy":
             if len(data) == self.nbytes and data.startswith(self.header):
-                return np.frombuffer(data, self.dtype, offset=len(self.header)).reshape(self.stored_shape)
+                return self._finite(sample, np.frombuffer(data, self.dtype, offset=len(self.header))
+                                    .reshape(self.stored_shape))
             arr = self._load_npy(sample, data)  # another writer's header layout is fine; other contents are not
             if arr.dtype == self.dtype and arr.shape == self.stored_shape:
-                return np.ascontiguousarray(arr)
+                return self._finite(sample, np.ascontiguousarray(arr))
             raise DataError(f"{self._where(sample)}: 'npy' holds {arr.dtype} {tuple(arr.shape)}, the manifest "
                             f"says {self.dtype} {self.stored_shape}; rebuild the shards")
         if self.field == "bow.npy":
@@ -350,6 +351,14 @@ class _Decoder:
                                 "rebuild the shards")
             return arr
         return self._image(sample, data)
+
+    def _finite(self, sample: dict, arr: np.ndarray) -> np.ndarray:
+        """Float features must be finite: one NaN would turn every loss of its batch into NaN."""
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
+            raise DataError(f"{self._where(sample)}: 'npy' holds {len(bad)} non-finite value(s) (NaN or inf), the "
+                            f"first at flat position {bad[0]}; clean or impute the source and rebuild the shards")
+        return arr
 
     def _load_npy(self, sample: dict, data: bytes) -> np.ndarray:
         try:

@@ -309,3 +309,36 @@ def test_ensure_shards_builds_once_and_explains_what_is_missing(tmp_path, monkey
         ensure_shards(DataConfig(shards=str(tmp_path / "nothing")))
     with pytest.raises(DataError, match="data.shards is empty"):
         ensure_shards(DataConfig(dataset="digits"))
+
+
+@pytest.fixture
+def table(tmp_path) -> Path:
+    """Small vector shards: 80 rows of 3 standardised float32 features, shards of 10."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"a": rng.normal(size=80), "b": rng.normal(size=80), "c": rng.normal(size=80),
+                  "label": np.arange(80) % 2}).to_csv(tmp_path / "t.csv", index=False)
+    build("table", str(tmp_path / "shards"), str(tmp_path / "t.csv"), num_labelled=10, shard_size=10, progress=False)
+    return tmp_path / "shards"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_features_in_a_shard(table, value):
+    path, where = first_shard(table)
+    x = np.array([0.5, value, -1.0], np.float32)
+    rewrite_shard(table, path.name, replace("00000001.npy", npy(x)))  # sha256 updated: only the value is wrong
+    message = r"sample '00000001': 'npy' holds 1 non-finite value\(s\) \(NaN or inf\), the first at flat position 1"
+    with pytest.raises(DataError, match=f"^{where} {message}; clean or impute the source and rebuild the shards$"):
+        read_all(table)
+    with pytest.raises(DataError, match=message):
+        next(train_batches(str(table), batch_unlabelled=20, batch_labelled=0, seed=0, shuffle_buffer=0))
+
+
+def test_sha256_mismatch_with_an_intact_tar(table):
+    """A well-formed shard from another build (right count, readable samples) is still refused."""
+    path, where = first_shard(table)
+    rewrite_shard(table, path.name, replace("00000001.npy", npy(np.zeros(3, np.float32))), update_manifest=False)
+    with pytest.raises(DataError, match=rf"^{where} has sha256 [0-9a-f]{{64}}, the manifest says [0-9a-f]{{64}}: "
+                                        "the file is corrupt or belongs to another build"):
+        read_all(table)
