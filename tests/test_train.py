@@ -221,6 +221,12 @@ def test_bad_config_is_one_line(digits_shards, tmp_path, override, fragment):
     _fails(run_train(tiny(digits_shards, tmp_path / "r", override), check=False), fragment)
 
 
+def test_model_shape_that_contradicts_the_shards_is_one_line(digits_shards, tmp_path):
+    proc = run_train(tiny(digits_shards, tmp_path / "r", "model.x_shape=[32]"), check=False)
+    _fails(proc, f"model.x_shape: config says (32,) but the shards at {digits_shards} hold (64,); remove "
+                 "model.x_shape to take it from the data")
+
+
 def test_missing_shards_is_one_line(tmp_path):
     proc = run_train(tiny(str(tmp_path / "nowhere"), tmp_path / "r", "data.dataset="), check=False)
     _fails(proc, str(tmp_path / "nowhere"))
