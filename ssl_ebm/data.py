@@ -237,8 +237,10 @@ def _shard_samples(root: str, shard: dict, first: int, lo: int, hi: int) -> Iter
         except DataError:
             raise
         except Exception as e:  # tarfile / webdataset errors on truncated or corrupt bytes
+            # webdataset's messages carry the stream object ("... @ <_HashingReader object at 0x...>"): drop it
+            detail = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).split(" @ <")[0]
             raise DataError(f"shard {url} is truncated or corrupt near sample {expected:08d} "
-                            f"({type(e).__name__}: {e}); rebuild the shards or copy the file again") from None
+                            f"({type(e).__name__}: {detail}); rebuild the shards or copy the file again") from None
         finally:
             samples.close()
         if expected < min(hi, end):
