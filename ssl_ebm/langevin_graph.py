@@ -63,7 +63,8 @@ class CapturedLangevin:
         tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.requires_grad)
                         for t in (*self.prior.parameters(), *self.prior.buffers()))
         modes = tuple(m.training for m in self.prior.modules())
-        return (tuple(z.shape), z.dtype, device_key(z.device), steps, step_size, sigma0, drift_clip, with_stats, tensors, modes)
+        return (tuple(z.shape), z.dtype, device_key(z.device), steps, step_size, sigma0, drift_clip, with_stats,
+                tensors, modes)
 
     def _body(self) -> None:
         """One sampler call on the static buffers (what the graph holds)."""

@@ -61,10 +61,9 @@ class LatentEBM(nn.Module):
         Either part may be missing: x_u=None (with z_neg=None) is the supervised-only baseline,
         whose loss involves only encoder and prior; x_l=y_l=None is unlabelled-only. A part with an
         empty batch (data.batch_labelled=0 gives x_l of shape (0, ...)) counts as missing: the mean of
-        an empty batch would make the loss NaN. Every key is
-        always present; the terms of a missing part are 0 ("recon", "kl", "F_pos", "F_neg",
-        "z_pos_norm", "z_neg_norm", "mi" without x_u, and "mi" with model.mi_weight = 0; "ce", "acc_l"
-        without x_l).
+        an empty batch would make the loss NaN. Every key is always present; the terms of a missing
+        part are 0 ("recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "mi" without x_u, and
+        "mi" with model.mi_weight = 0; "ce", "acc_l" without x_l).
         The eps of z+ is drawn once, from the global RNG, for the batch [x_u; x_l], which also
         goes through the encoder as one batch (one set of BatchNorm statistics). Pass `eps`
         ((B + M, Z), for [x_u; x_l]) to supply that noise instead, e.g. to compare two computations.

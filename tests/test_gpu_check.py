@@ -30,7 +30,8 @@ def test_cpu_smoke_runs_all_three_parts_and_writes_the_figures(digits_shards, tm
 
 
 def test_unknown_part_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "gpu_check.py"), "--cpu-smoke", "--parts", "bench,zero9",
-                           "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "gpu_check.py"), "--cpu-smoke",
+                           "--parts", "bench,zero9", "--out", str(tmp_path / "x.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --parts: unknown part(s) ['zero9']; choose from bench, short, zero2")
