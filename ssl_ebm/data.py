@@ -45,7 +45,7 @@ Storage: any fsspec URL. memory:// lives inside one process, so with num_workers
 where DataLoader workers are forked (the Linux default).
 
 Integrity. Every shard read is checked against the manifest: its sha256 (bytes past a consumer's range
-are hashed but not parsed), its sample count and order, every sample's fields, dtype, shape and label.
+are hashed but not parsed), its sample count and order, every sample's fields, dtype, shape and label, and that float features are finite.
 Anything wrong raises DataError naming the shard and sample and saying what to do; nothing is skipped.
 """
 
@@ -213,8 +213,10 @@ def _shard_samples(root: str, shard: dict, first: int, lo: int, hi: int) -> Iter
         except DataError:
             raise
         except Exception as e:  # tarfile / webdataset errors on truncated or corrupt bytes
+            # webdataset's messages carry the stream object ("... @ <_HashingReader object at 0x...>"): drop it
+            detail = (e.args[0] if e.args and isinstance(e.args[0], str) else str(e)).split(" @ <")[0]
             raise DataError(f"shard {url} is truncated or corrupt near sample {expected:08d} "
-                            f"({type(e).__name__}: {e}); rebuild the shards or copy the file again") from None
+                            f"({type(e).__name__}: {detail}); rebuild the shards or copy the file again") from None
         finally:
             samples.close()
         if expected < min(hi, end):
@@ -310,10 +312,11 @@ class _Decoder:
         data = sample[self.field]
         if self.field == "npy":
             if len(data) == self.nbytes and data.startswith(self.header):
-                return np.frombuffer(data, self.dtype, offset=len(self.header)).reshape(self.stored_shape)
+                return self._finite(sample, np.frombuffer(data, self.dtype, offset=len(self.header))
+                                    .reshape(self.stored_shape))
             arr = self._load_npy(sample, data)  # another writer's header layout is fine; other contents are not
             if arr.dtype == self.dtype and arr.shape == self.stored_shape:
-                return np.ascontiguousarray(arr)
+                return self._finite(sample, np.ascontiguousarray(arr))
             raise DataError(f"{self._where(sample)}: 'npy' holds {arr.dtype} {tuple(arr.shape)}, the manifest "
                             f"says {self.dtype} {self.stored_shape}; rebuild the shards")
         if self.field == "bow.npy":
@@ -326,6 +329,14 @@ class _Decoder:
                                 "rebuild the shards")
             return arr
         return self._image(sample, data)
+
+    def _finite(self, sample: dict, arr: np.ndarray) -> np.ndarray:
+        """Float features must be finite: one NaN would turn every loss of its batch into NaN."""
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = np.flatnonzero(~np.isfinite(arr.reshape(-1)))
+            raise DataError(f"{self._where(sample)}: 'npy' holds {len(bad)} non-finite value(s) (NaN or inf), the "
+                            f"first at flat position {bad[0]}; clean or impute the source and rebuild the shards")
+        return arr
 
     def _load_npy(self, sample: dict, data: bytes) -> np.ndarray:
         try:

@@ -12,6 +12,23 @@ import torch
 from ssl_ebm.config import ConfigError, SamplerConfig
 
 
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """True when `a` and `b` name the same device, "cuda" (no index) meaning the current CUDA device.
+
+    On one GPU Accelerate's device is torch.device("cuda"): a generator made on it keeps no index while
+    tensors made on it land on cuda:0, and `==` on the two torch.devices is then False.
+    """
+    return device_key(a) == device_key(b)
+
+
+def device_key(d: str | torch.device) -> tuple[str, int | None]:
+    """(type, index) of a device with a missing CUDA index replaced by the current device's."""
+    d = torch.device(d)
+    if d.type == "cuda" and d.index is None:
+        return d.type, torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return d.type, d.index
+
+
 def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """N(0, I) on `device`, drawn from `generator` (on its own device) or the global RNG."""
     if generator is None:
@@ -91,8 +108,16 @@ class ChainBank:
         return idx_N, self.z[idx_N].clone()
 
     def put(self, idx_N: torch.Tensor, z_NZ: torch.Tensor) -> None:
-        """Write updated chains back."""
-        self.z[idx_N.to(self.device)] = z_NZ.detach().to(self.z)
+        """Write updated chains back; a chain that is not finite keeps its stored value.
+
+        Chains are written before the training loop learns whether the step's loss is finite: a prior
+        that gives NaN or infinite gradients must not poison the bank for every later step (and for the
+        checkpoints the watchdog goes back to). Elementwise, so no host sync.
+        """
+        idx_N = idx_N.to(self.device)
+        z_NZ = z_NZ.detach().to(self.z)
+        finite_N1 = torch.isfinite(z_NZ).all(dim=1, keepdim=True)
+        self.z[idx_N] = torch.where(finite_N1, z_NZ, self.z[idx_N])
 
     def reinit(self, which: float | torch.Tensor) -> torch.Tensor:
         """Re-initialise chains to p0. `which`: a fraction of the bank chosen at random, an index

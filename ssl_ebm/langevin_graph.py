@@ -13,8 +13,10 @@ How it stays exact and never stale:
   bitwise whichever one it uses.
 - The prior's parameters are read in place (optimizers update them in place, so the graph always
   sees the current weights). The graph is captured again whenever anything it baked in changes:
-  the chain count or device, the sampler settings, or any parameter's storage (a replaced
-  parameter, a new state dict assigned rather than copied).
+  the chain count or device, the sampler settings, any parameter's or buffer's storage (a replaced
+  parameter, a new state dict assigned rather than copied), or the prior's train/eval mode.
+- Capture uses capture_error_mode="thread_local", so CUDA work of other threads (DataLoader pin
+  memory, trackers) neither breaks the capture nor is refused while it runs.
 - Parameters gathered per call (DeepSpeed ZeRO-3) would change storage every step: those priors
   use the eager sampler.
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ssl_ebm.langevin import langevin
+from ssl_ebm.langevin import device_key, langevin, same_device
 
 STATS = ("drift_norm", "drift_norm_max", "drift_clipped_frac")
 
@@ -55,8 +57,14 @@ class CapturedLangevin:
 
     def _signature(self, z: torch.Tensor, steps: int, step_size: float, sigma0: float, drift_clip: float,
                    with_stats: bool) -> tuple:
-        ptrs = tuple(p.data_ptr() for p in self.prior.parameters())
-        return (tuple(z.shape), z.device, steps, step_size, sigma0, drift_clip, with_stats, ptrs)
+        """Everything the captured program bakes in: shapes, device, settings, the storage of every
+        parameter and buffer, and each submodule's train/eval mode (dropout, batch norm and spectral
+        norm compute differently in the two)."""
+        tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.requires_grad)
+                        for t in (*self.prior.parameters(), *self.prior.buffers()))
+        modes = tuple(m.training for m in self.prior.modules())
+        return (tuple(z.shape), z.dtype, device_key(z.device), steps, step_size, sigma0, drift_clip, with_stats,
+                tensors, modes)
 
     def _body(self) -> None:
         """One sampler call on the static buffers (what the graph holds)."""
@@ -84,7 +92,9 @@ class CapturedLangevin:
                 self._body()
         torch.cuda.current_stream(z.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: only this thread's illegal calls abort the capture, not another thread's
+        # (DataLoader pin-memory, tracker threads) unrelated CUDA work during it.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._body()
         self._graph = graph
 
@@ -95,7 +105,7 @@ class CapturedLangevin:
                  drift_clip: float = 0.0, stats: dict | None = None) -> torch.Tensor:
         kwargs = dict(steps=steps, step_size=step_size, sigma0=sigma0, drift_clip=drift_clip)
         usable = (self.enabled and steps > 0 and not _gathered_per_call(self.prior)
-                  and (generator is None or generator.device == z.device))
+                  and (generator is None or same_device(generator.device, z.device)))
         if not usable:
             self.backend = "eager"
             return langevin(self.prior, z, noise=noise, generator=generator, stats=stats, **kwargs)

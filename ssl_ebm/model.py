@@ -3,12 +3,14 @@
 The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity to minimise):
     unlabelled x:  mean_B[ -log p(x|z+) + KL(q(z|x) || p0) - F(z+) ] + mean_N F(z-)
     labelled (x, y): labelled_weight * cross_entropy(f(z+), y)
-    optional:        energy_penalty * (mean F(z+)^2 + mean F(z-)^2)
+    optional:        energy_penalty * (mean F(sg(z+))^2 + mean F(z-)^2), sg = stop-gradient
     optional:        -mi_weight * I(y; z+) over the unlabelled batch (the authors' code, not the paper)
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
-sees only the reconstruction term. Sign convention of F: see nets/prior.py.
+sees only the reconstruction term. The energy penalty (not in the paper) is a regulariser of the prior
+only: it is computed on a detached z+, so its gradient reaches the prior's parameters and never the
+encoder (which would otherwise be pushed towards z+ with small |F|). Sign convention of F: see nets/prior.py.
 
 Shapes: B unlabelled batch, M labelled batch, N negative chains, Z latent dim, K classes.
 """
@@ -57,17 +59,22 @@ class LatentEBM(nn.Module):
         """Named loss terms; "loss" is the scalar to backpropagate, the rest are detached fp32 scalars.
 
         Either part may be missing: x_u=None (with z_neg=None) is the supervised-only baseline,
-        whose loss involves only encoder and prior; x_l=y_l=None is unlabelled-only. Every key is
-        always present; the terms of a missing part are 0 ("recon", "kl", "F_pos", "F_neg",
-        "z_pos_norm", "z_neg_norm", "mi" without x_u, and "mi" with model.mi_weight = 0; "ce", "acc_l"
-        without x_l).
+        whose loss involves only encoder and prior; x_l=y_l=None is unlabelled-only. A part with an
+        empty batch (data.batch_labelled=0 gives x_l of shape (0, ...)) counts as missing: the mean of
+        an empty batch would make the loss NaN. Every key is always present; the terms of a missing
+        part are 0 ("recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "mi" without x_u, and
+        "mi" with model.mi_weight = 0; "ce", "acc_l" without x_l).
         The eps of z+ is drawn once, from the global RNG, for the batch [x_u; x_l], which also
         goes through the encoder as one batch (one set of BatchNorm statistics). Pass `eps`
         ((B + M, Z), for [x_u; x_l]) to supply that noise instead, e.g. to compare two computations.
         """
         cfg = self.cfg
+        if x_l is not None and y_l is not None and x_l.shape[0] == 0 == y_l.shape[0]:
+            x_l = y_l = None
+        if x_u is not None and x_u.shape[0] == 0:
+            x_u = z_neg = None
         if x_u is None and x_l is None:
-            raise ValueError("forward needs unlabelled x_u (with z_neg), labelled x_l (with y_l), or both")
+            raise ValueError("forward needs a non-empty unlabelled x_u (with z_neg), labelled x_l (with y_l), or both")
         if (x_l is None) != (y_l is None):
             raise ValueError("pass labelled x_l and y_l together")
         if x_u is not None and z_neg is None:
@@ -104,7 +111,9 @@ class LatentEBM(nn.Module):
             # Steps 4-5: -(ELBO + F(z+)) for encoder/generator, -(F(z+) - F(z-)) for the prior (eqs. 10-11).
             loss = (-recon_B + kl_B - F_pos_B).mean() + F_neg_N.mean()
             if cfg.energy_penalty > 0:
-                loss = loss + cfg.energy_penalty * (F_pos_B.pow(2).mean() + F_neg_N.pow(2).mean())
+                # The prior's regulariser only: F of a detached z+, so no gradient reaches the encoder.
+                F_pos_sg_B = self.prior.free_energy(z_pos_BZ.detach())
+                loss = loss + cfg.energy_penalty * (F_pos_sg_B.pow(2).mean() + F_neg_N.pow(2).mean())
             if cfg.mi_weight > 0:
                 mi = batch_mutual_information(self.prior(z_pos_BZ))
                 loss = loss - cfg.mi_weight * mi

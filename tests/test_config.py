@@ -32,11 +32,19 @@ def test_round_trip_through_yaml(tmp_path):
     (["model.encoder=wrn"], "model.x_shape"),
     (["train.mixed_precision=fp16"], "train.mixed_precision"),
     (["train.steps"], "section.key=value"),
+    (["data.batch_unlabelled=0"], "data.batch_unlabelled: is 0, but train.method 'ebm' learns from unlabelled data"),
+    (["train.method=supervised", "data.batch_labelled=0"],
+     "data.batch_labelled: is 0, but train.method 'supervised' learns from labelled data only"),
 ])
 def test_bad_values_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)
     assert fragment in str(e.value)
+
+
+def test_either_batch_part_may_be_zero_where_the_method_does_not_need_it():
+    assert load_config(None, ["data.batch_labelled=0"]).data.batch_labelled == 0  # unlabelled-only pre-training
+    assert load_config(None, ["train.method=supervised", "data.batch_unlabelled=0"]).data.batch_unlabelled == 0
 
 
 def test_missing_and_invalid_files(tmp_path):

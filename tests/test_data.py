@@ -176,7 +176,8 @@ def replace(member: str, data: bytes):
 
 @pytest.mark.parametrize("damage, message", [
     ("cut_between_samples", r"ends after 2 of its 4 samples \(truncated or corrupt\); rebuild the shards"),
-    ("cut_inside_sample", r"is truncated or corrupt near sample 00000002 .*; rebuild the shards"),
+    ("cut_inside_sample", r"is truncated or corrupt near sample 00000002 \(ReadError: unexpected end of data\); "
+                          r"rebuild the shards or copy the file again$"),
     ("garbage_header", r"ends after 1 of its 4 samples \(truncated or corrupt\)"),
     ("flipped_pixel", r"has sha256 [0-9a-f]{64}, the manifest says [0-9a-f]{64}: the file is corrupt"),
 ])
@@ -286,3 +287,36 @@ def test_bad_arguments(cifar):
         eval_batches(str(cifar), "test", batch_size=2, rank=2, world_size=2)
     with pytest.raises(DataError, match="fewer than the 32 readers"):
         train_batches(str(cifar), batch_unlabelled=2, batch_labelled=0, seed=0, world_size=8, num_workers=4)
+
+
+@pytest.fixture
+def table(tmp_path) -> Path:
+    """Small vector shards: 80 rows of 3 standardised float32 features, shards of 10."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"a": rng.normal(size=80), "b": rng.normal(size=80), "c": rng.normal(size=80),
+                  "label": np.arange(80) % 2}).to_csv(tmp_path / "t.csv", index=False)
+    build("table", str(tmp_path / "shards"), str(tmp_path / "t.csv"), num_labelled=10, shard_size=10, progress=False)
+    return tmp_path / "shards"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_features_in_a_shard(table, value):
+    path, where = first_shard(table)
+    x = np.array([0.5, value, -1.0], np.float32)
+    rewrite_shard(table, path.name, replace("00000001.npy", npy(x)))  # sha256 updated: only the value is wrong
+    message = r"sample '00000001': 'npy' holds 1 non-finite value\(s\) \(NaN or inf\), the first at flat position 1"
+    with pytest.raises(DataError, match=f"^{where} {message}; clean or impute the source and rebuild the shards$"):
+        read_all(table)
+    with pytest.raises(DataError, match=message):
+        next(train_batches(str(table), batch_unlabelled=20, batch_labelled=0, seed=0, shuffle_buffer=0))
+
+
+def test_sha256_mismatch_with_an_intact_tar(table):
+    """A well-formed shard from another build (right count, readable samples) is still refused."""
+    path, where = first_shard(table)
+    rewrite_shard(table, path.name, replace("00000001.npy", npy(np.zeros(3, np.float32))), update_manifest=False)
+    with pytest.raises(DataError, match=rf"^{where} has sha256 [0-9a-f]{{64}}, the manifest says [0-9a-f]{{64}}: "
+                                        "the file is corrupt or belongs to another build"):
+        read_all(table)

@@ -73,6 +73,8 @@ def test_predict_from_shards_npz_and_csv_agree(checkpoint, digits_shards, tmp_pa
     (lambda d: (np.savez(d / "shape.npz", x=np.zeros((3, 5))), str(d / "shape.npz"))[1], "expected (N, 64)"),
     (lambda d: ((d / "bad.csv").write_text("a,b,c\n1,2,3\n1,2,x\n"), str(d / "bad.csv"))[1], "not all numbers"),
     (lambda d: ((d / "f.txt").write_text("1"), str(d / "f.txt"))[1], "unknown input kind"),
+    (lambda d: (np.savez(d / "nan.npz", x=np.full((2, 64), np.nan)), str(d / "nan.npz"))[1],
+     "x holds NaN or infinite values"),
 ])
 def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, make_input, fragment):
     ckpt, _ = checkpoint

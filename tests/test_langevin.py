@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ssl_ebm.config import ConfigError, ModelConfig, SamplerConfig
-from ssl_ebm.langevin import ChainBank, langevin, sample_negatives
+from ssl_ebm.langevin import ChainBank, device_key, langevin, same_device, sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.model import LatentEBM
 from ssl_ebm.nets import Prior
@@ -170,3 +170,53 @@ def test_short_run_mode_starts_fresh_each_call():
     assert torch.equal(bank.z, old)  # short-run ignores the bank
     z0 = sample_negatives(prior, None, 4000, SamplerConfig(persistent=False, steps=0), 0.5)
     assert abs(z0.std().item() - 0.5) < 0.02  # steps=0: plain draws from p0
+
+
+class SqrtPrior(torch.nn.Module):
+    """F(z) = sqrt(z_0): NaN gradients for the chains with z_0 < 0, finite ones elsewhere."""
+
+    z_dim = Z
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def free_energy(self, z_BZ: torch.Tensor) -> torch.Tensor:
+        return self.scale * z_BZ[:, 0].sqrt()
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_non_finite_chains_are_never_stored(captured):
+    prior, bank = SqrtPrior(), ChainBank(100, Z, 1.0, seed=1)
+    cfg = SamplerConfig(steps=3, step_size=0.3, bank_size=100)
+    old = bank.z.clone()
+    sampler = CapturedLangevin(prior) if captured else None
+    z = sample_negatives(prior, bank, 100, cfg, 1.0, sampler=sampler)
+    bad = ~torch.isfinite(z).all(1)
+    assert 0 < bad.sum() < 100, "the prior should break some chains and not others"
+    assert torch.isfinite(bank.z).all()
+    # Every chain came back (the bank draws all 100): the broken ones keep their stored values,
+    # the finite ones are the new samples.
+    stored = {tuple(r) for r in bank.z.tolist()}
+    assert {tuple(r) for r in z[~bad].tolist()} <= stored
+    assert stored - {tuple(r) for r in z[~bad].tolist()} <= {tuple(r) for r in old.tolist()}
+    assert len(stored - {tuple(r) for r in z[~bad].tolist()}) == bad.sum()
+
+
+def test_a_nan_prior_leaves_the_bank_unchanged():
+    prior, bank = small_prior(), ChainBank(100, Z, 1.0, seed=2)
+    with torch.no_grad():
+        prior.net[0].weight.fill_(float("nan"))
+    old = bank.z.clone()
+    z = sample_negatives(prior, bank, 60, SamplerConfig(steps=3, step_size=0.3, bank_size=100), 1.0)
+    assert not torch.isfinite(z).any()  # the caller still sees them (and its loss check fails)
+    assert torch.equal(bank.z, old)
+
+
+def test_same_device_treats_cuda_without_index_as_the_current_device():
+    cuda, cuda0, cuda1 = torch.device("cuda"), torch.device("cuda:0"), torch.device("cuda:1")
+    assert cuda != cuda0  # why a plain == is not enough on one GPU
+    assert same_device(cuda, cuda0) and same_device(cuda0, cuda) and same_device("cuda", "cuda:0")
+    assert not same_device(cuda, cuda1) and not same_device(cuda0, cuda1)
+    assert same_device("cpu", torch.device("cpu")) and not same_device("cpu", cuda0)
+    assert device_key("cuda") == device_key("cuda:0") == ("cuda", 0)

@@ -93,3 +93,24 @@ def test_falls_back_to_eager_when_disabled_or_without_steps():
 def test_bad_noise_shape_is_one_clear_error():
     with pytest.raises(ValueError, match=r"noise has shape \(7, 8, 4\); expected \(steps, B, Z\)"):
         CapturedLangevin(prior())(torch.randn(N, Z), noise=torch.randn(7, 8, Z), **KW)
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_train_eval_mode_and_buffers_are_part_of_the_capture_key(spectral_norm):
+    p, z0, noise = prior(prior_spectral_norm=spectral_norm), torch.randn(N, Z), torch.randn(7, N, Z)
+    captured = CapturedLangevin(p)
+    captured(z0, noise=noise, **KW)
+    captured(z0, noise=noise, **KW)
+    assert captured.captures == 1  # nothing changed: replayed
+    p.eval()  # spectral norm stops its power iteration: another computation, another program
+    got = captured(z0, noise=noise, **KW)
+    assert captured.captures == 2 and torch.equal(got, langevin(p, z0, noise=noise, **KW))
+    p.net[-1].train()  # one submodule's mode is enough
+    captured(z0, noise=noise, **KW)
+    assert captured.captures == 3
+    p.register_buffer("extra", torch.zeros(3))  # a new buffer: storage the program never saw
+    captured(z0, noise=noise, **KW)
+    assert captured.captures == 4
+    captured(z0.double(), noise=noise, **KW)  # another chain dtype
+    assert captured.captures == 5
+

@@ -19,8 +19,10 @@ def make(name: str, seed: int = 0, **kw) -> LatentEBM:
     return LatentEBM(tiny_config(name, **kw))
 
 
-def batch(model: LatentEBM, n_u: int = 5, n_l: int = 3, n_neg: int = 7):
+def batch(model: LatentEBM, n_u: int = 5, n_l: int = 3, n_neg: int = 7, seed: int | None = None):
     cfg = model.cfg
+    if seed is not None:
+        torch.manual_seed(seed)
     if cfg.likelihood == "multinomial":
         x = torch.randint(0, 4, (n_u + n_l, *cfg.x_shape)).float()
     else:
@@ -54,10 +56,10 @@ def algorithm_1_grads(model, x_u, x_l, y_l, z_neg, seed):
     F_pos, F_neg = energy(z_u), energy(z_neg)
     log_p_y = torch.log_softmax(model.prior.net(z_l), 1)[torch.arange(len(y_l)), y_l].mean()
     supervised = -cfg.labelled_weight * log_p_y  # step 6
-    penalty = cfg.energy_penalty * (F_pos.pow(2).mean() + F_neg.pow(2).mean())
+    penalty = cfg.energy_penalty * (F_pos.pow(2).mean() + F_neg.pow(2).mean())  # a regulariser of the prior only
 
     prior_objective = -(F_pos.mean() - F_neg.mean()) + supervised + penalty  # step 4 (eq. 10) + step 6
-    encoder_objective = -(elbo + F_pos.mean()) + supervised + penalty  # step 5 (eq. 11) + step 6
+    encoder_objective = -(elbo + F_pos.mean()) + supervised  # step 5 (eq. 11) + step 6
     generator_objective = -recon  # step 5 (eq. 11): only log p(x|z) depends on beta
     grads = {}
     for part, objective in (("prior", prior_objective), ("encoder", encoder_objective),
@@ -115,6 +117,41 @@ def test_unlabelled_only():
     out = model(x_u, None, None, z_neg)
     assert out["ce"] == out["acc_l"] == 0
     torch.testing.assert_close(out["loss"].detach(), -out["recon"] + out["kl"] - out["F_pos"] + out["F_neg"])
+
+
+@pytest.mark.parametrize("name", ["mlp+mlp gaussian", "wrn+deconv 3x32x32"])
+def test_energy_penalty_reaches_the_prior_only(name):
+    grads = {}
+    for penalty in (0.0, 0.5):
+        model = make(name, energy_penalty=penalty)
+        data = batch(model, seed=3)
+        torch.manual_seed(5)
+        model(*data)["loss"].backward()
+        grads[penalty] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for n in grads[0.0]:
+        if n.startswith("prior."):
+            continue
+        torch.testing.assert_close(grads[0.5][n], grads[0.0][n], rtol=1e-5, atol=1e-7, msg=n)
+    assert any(not torch.allclose(grads[0.5][n], grads[0.0][n]) for n in grads[0.0] if n.startswith("prior."))
+
+
+def test_empty_labelled_batch_is_unlabelled_only():
+    model = make("mlp+mlp gaussian")
+    x_u, x_l, y_l, z_neg = batch(model, n_l=0)
+    assert x_l.shape[0] == y_l.shape[0] == 0
+    torch.manual_seed(1)
+    out = model(x_u, x_l, y_l, z_neg)
+    torch.manual_seed(1)
+    want = model(x_u, None, None, z_neg)
+    assert torch.isfinite(out["loss"]) and out["ce"] == out["acc_l"] == 0
+    torch.testing.assert_close(out["loss"], want["loss"])
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    _, x_l, y_l, _ = batch(model)
+    sup = model(x_u[:0], x_l, y_l, None)  # an empty unlabelled part: the supervised loss alone
+    torch.testing.assert_close(sup["loss"].detach(), sup["ce"])
+    with pytest.raises(ValueError, match="non-empty"):
+        model(x_u[:0], x_l[:0], y_l[:0], z_neg)
 
 
 def test_bad_calls_are_clear():

@@ -543,6 +543,19 @@ def _bad_sources(tmp: Path) -> list[tuple[str, str, str]]:
     ]
 
 
+def test_non_finite_source_features_are_refused_before_anything_is_written(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=60)
+    a[17] = np.nan
+    pd.DataFrame({"a": a, "b": rng.normal(size=60), "label": np.arange(60) % 2}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=r"t.csv: 1 non-finite feature value\(s\) \(NaN or inf\) in 1 row\(s\) of part "
+                                        r"'all', the first at row 17, column 0 \('a'\); drop or impute them in the source"):
+        build("table", str(tmp_path / "s"), str(tmp_path / "t.csv"), num_labelled=10, progress=False)
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
 def test_source_files_in_the_wrong_format(tmp_path):
     for dataset, source, message in _bad_sources(tmp_path):
         with pytest.raises(DataError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -63,6 +64,28 @@ def test_supervised_baseline_runs(digits_shards, tmp_path):
     proc = run_train(tiny(digits_shards, out, "train.steps=20", "train.method=supervised"))
     assert "supervised: test accuracy" in proc.stdout
     assert json.loads((out / "metrics.json").read_text())["method"] == "supervised"
+
+
+def test_unlabelled_only_pretraining_runs_and_evaluates(digits_shards, tmp_path):
+    """data.batch_labelled=0 with method ebm: the generative model alone, validation and test still run."""
+    out = tmp_path / "unlabelled"
+    proc = run_train(tiny(digits_shards, out, "train.steps=20", "data.batch_labelled=0", "train.cpu_threads=1"))
+    assert "ebm: test accuracy" in proc.stdout
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
+    for r in train_records:
+        for key in ("loss", "recon", "kl", "F_pos", "F_neg"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["ce"] == 0 and r["acc_l"] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["nan_skips"] == 0 and metrics["recoveries"] == 0 and metrics["best_step"] in (10, 20)
+    assert metrics["test"]["count"] > 0 and 0.0 <= metrics["test"]["accuracy"] <= 1.0
+
+
+def test_a_batch_part_the_method_needs_cannot_be_zero(digits_shards, tmp_path):
+    _fails(run_train(tiny(digits_shards, tmp_path / "r", "data.batch_unlabelled=0"), check=False),
+           "data.batch_unlabelled: is 0, but train.method 'ebm' learns from unlabelled data")
 
 
 @pytest.mark.slow
@@ -196,6 +219,12 @@ def _fails(proc: subprocess.CompletedProcess, fragment: str) -> None:
 ])
 def test_bad_config_is_one_line(digits_shards, tmp_path, override, fragment):
     _fails(run_train(tiny(digits_shards, tmp_path / "r", override), check=False), fragment)
+
+
+def test_model_shape_that_contradicts_the_shards_is_one_line(digits_shards, tmp_path):
+    proc = run_train(tiny(digits_shards, tmp_path / "r", "model.x_shape=[32]"), check=False)
+    _fails(proc, f"model.x_shape: config says (32,) but the shards at {digits_shards} hold (64,); remove "
+                 "model.x_shape to take it from the data")
 
 
 def test_missing_shards_is_one_line(tmp_path):
