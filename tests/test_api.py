@@ -241,3 +241,49 @@ def test_ood_cli_reports_auroc_for_another_dataset(trained, tmp_path):
     assert report["auroc"]["energy"] > 0.9 and report["auroc"]["neg_elbo"] > 0.9, report
     proc = cli("ood.py", ckpt, "--allow-pickle", "--out", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _untrained(x_shape, likelihood="gaussian", manifest=None) -> api.Model:
+    from ssl_ebm import config as C
+    from ssl_ebm.model import LatentEBM
+
+    torch.manual_seed(0)
+    cfg = C.from_dict(C.Config, {"model": {"x_shape": list(x_shape), "likelihood": likelihood, "z_dim": 4,
+                                           "hidden": 16, "prior_hidden": 16, "num_classes": 3}})
+    return api.Model(LatentEBM(cfg.model).eval(), cfg, manifest or {})
+
+
+def test_images_in_pixels_and_a_grid_with_one_row_per_class(tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import generate
+
+    model = _untrained((1, 28, 28))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    x = model.to_model_units(pixels)
+    assert x.shape == (5, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x[:, 0], torch.as_tensor(pixels, dtype=torch.float32) / 127.5 - 1)
+    with pytest.raises(api.ModelError, match=r"expected images \(N, 28, 28\)"):
+        model.predict(np.zeros((2, 32, 32)))
+    y = torch.arange(3).repeat_interleave(4)
+    out = model.generate(model.sample(12, y=y, steps=5, seed=0))
+    assert out.shape == (12, 28, 28, 1) and out.dtype == torch.uint8
+    path = generate.write_samples(model, out, y, tmp_path, per_class=4, top_words=3)
+    with Image.open(path) as im:
+        assert im.size == (4 * 30, 3 * 30)  # 4 columns, one row per class, 1-pixel borders
+
+
+def test_text_top_words_per_class(tmp_path):
+    sys.path.insert(0, str(REPO / "launch"))
+    import generate
+
+    vocab = [f"w{i}" for i in range(20)]
+    model = _untrained((20,), "multinomial", {"kind": "counts", "vocab": vocab, "class_names": ["a", "b", "c"]})
+    y = torch.arange(3).repeat_interleave(5)
+    probs = model.generate(model.sample(15, y=y, steps=5, seed=0))
+    torch.testing.assert_close(probs.sum(1), torch.ones(15))  # word probabilities
+    lines = generate.write_samples(model, probs, y, tmp_path, per_class=5, top_words=3).read_text().splitlines()
+    assert [ln.split(":")[0] for ln in lines] == ["a", "b", "c"]
+    top_a = [vocab[i] for i in probs[y == 0].mean(0).topk(3).indices.tolist()]
+    assert lines[0].split(": ")[1].split() == top_a
