@@ -1,10 +1,12 @@
 """Evaluate a checkpoint on a split of a shard directory, or predict class probabilities for new inputs.
 
-    python launch/evaluate.py CHECKPOINT [--shards URL] [--split test] [--out metrics.json]
-    python launch/evaluate.py CHECKPOINT --predict INPUT --out predictions.csv|.json [--split test]
+    python launch/evaluate.py MODEL [--shards URL] [--split test] [--out metrics.json] [--allow-pickle]
+    python launch/evaluate.py MODEL --predict INPUT --out predictions.csv|.json [--split test]
 
-CHECKPOINT is a complete checkpoint directory URL (runs/x/checkpoints/best-000800 or step-001000).
-Its config.yaml gives the model and the shards it was trained on (--shards overrides them).
+MODEL is an exported model folder (launch/export.py) or, with --allow-pickle, a complete checkpoint
+directory (runs/x/checkpoints/best-000800: its model.pt is a pickle, so only ones you trust). Its
+config gives the model and the shards it was trained on (--shards overrides them). A thin command line
+over the Python API (ssl_ebm.load: ssl_ebm/api.py), which also does the normalisation below.
 INPUT for --predict is one of
     a shard directory (manifest.json): the examples of --split, with their labels in the output;
     a .npz file with an array `x`: raw examples as in the source data (images uint8 (N, H, W[, C]);
@@ -29,11 +31,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ssl_ebm import api, data
 from ssl_ebm import config as C
-from ssl_ebm import data
-from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, load_weights
 from ssl_ebm.metrics import evaluate
-from ssl_ebm.model import LatentEBM
 
 
 class InputError(ValueError):
@@ -43,60 +43,21 @@ class InputError(ValueError):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="complete checkpoint directory URL (.../step-NNNNNN or .../best-NNNNNN)")
-    p.add_argument("--shards", default="", help="shard directory URL (default: the one the checkpoint trained on)")
+    p.add_argument("checkpoint", help="exported model folder, or checkpoint directory URL (.../best-NNNNNN)")
+    p.add_argument("--shards", default="", help="shard directory URL (default: the one the model trained on)")
     p.add_argument("--split", default="test", choices=data.SPLITS, help="split to evaluate or predict (shards)")
     p.add_argument("--predict", default="", help="inputs to predict: a shard directory, .npz (array x) or .csv")
     p.add_argument("--out", default="", help="where to write: metrics .json, or predictions .csv / .json")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--allow-pickle", action="store_true", help="load a pickled checkpoint directory (only ones you trust)")
     return p.parse_args(argv)
-
-
-def load_model(url: str) -> tuple[LatentEBM, C.Config]:
-    parent, name = url.rstrip("/").rsplit("/", 1) if "/" in url.rstrip("/") else (".", url.rstrip("/"))
-    store = CheckpointStore(parent)
-    weights = load_weights(url)  # checks COMPLETE
-    if not store.exists(name, "config.yaml"):
-        raise CheckpointError(f"{url!r} has no config.yaml; it was not written by launch/train.py")
-    with store.fs.open(store._path(name, "config.yaml"), "r") as f:
-        cfg = C.from_dict(C.Config, __import__("yaml").safe_load(f.read()))
-    model = LatentEBM(cfg.model)
-    model.load_state_dict(weights)
-    return model.eval(), cfg
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _standardise(x: np.ndarray, manifest: dict | None) -> np.ndarray:
-    norm = (manifest or {}).get("normalisation") or {}
-    if "mean" in norm:
-        x = (x - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
-    return x.astype(np.float32)
-
-
-def _to_model_input(x: np.ndarray, cfg: C.Config, manifest: dict | None, where: str) -> torch.Tensor:
-    """Raw examples (as the source data holds them) -> float32 (N, *model.x_shape), as the loaders give."""
-    shape = tuple(cfg.model.x_shape)
-    if len(shape) == 3:  # images: uint8 (N, H, W[, C]) -> (N, C, H, W) in [-1, 1]
-        c, h, w = shape
-        if x.ndim == 3 and c == 1:
-            x = x[..., None]
-        if x.ndim != 4 or x.shape[1:] != (h, w, c):
-            raise InputError(f"{where}: x has shape {x.shape}; expected images (N, {h}, {w}{'' if c == 1 else ', 3'}) "
-                             "as in the source data")
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0)
-    if x.ndim != 2 or x.shape[1] != shape[0]:
-        raise InputError(f"{where}: x has shape {x.shape}; expected (N, {shape[0]}) for this model")
-    if not np.isfinite(x).all():
-        raise InputError(f"{where}: x holds NaN or infinite values")
-    if (manifest or {}).get("kind") == "counts":
-        return torch.from_numpy(x.astype(np.float32))
-    return torch.from_numpy(_standardise(x.astype(np.float32), manifest))
-
-
-def read_inputs(path: str, cfg: C.Config, manifest: dict | None, split: str) -> tuple[torch.Tensor, np.ndarray | None]:
-    """(x as the model takes it, labels or None)."""
+def read_inputs(path: str, split: str) -> tuple[np.ndarray | torch.Tensor, np.ndarray | None]:
+    """(x in the data's own units, labels or None)."""
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -111,7 +72,7 @@ def read_inputs(path: str, cfg: C.Config, manifest: dict | None, split: str) -> 
             raise InputError(f"{path}: not a readable .npz file ({e})") from None
         if not np.issubdtype(x.dtype, np.number):
             raise InputError(f"{path}: x is {x.dtype}, expected numbers")
-        return _to_model_input(x, cfg, manifest, path), y
+        return x, y
     if path.endswith(".csv"):
         try:
             text = Path(path).read_text()
@@ -128,17 +89,10 @@ def read_inputs(path: str, cfg: C.Config, manifest: dict | None, split: str) -> 
         widths = {len(r) for r in rows}
         if len(widths) != 1:
             raise InputError(f"{path}: rows have different numbers of columns ({sorted(widths)})")
-        return _to_model_input(np.asarray(rows, np.float64), cfg, manifest, path), None
+        return np.asarray(rows, np.float64), None
     if Path(path).is_dir() or "://" in path:
-        xs, ys = [], []
-        for b in data.eval_batches(path, split, batch_size=1024):
-            xs.append(b["x"])
-            ys.append(b["y"].numpy())
-        x = torch.cat(xs) if xs else torch.empty(0, *cfg.model.x_shape)
-        if tuple(x.shape[1:]) != tuple(cfg.model.x_shape):
-            raise InputError(f"{path}: examples have shape {tuple(x.shape[1:])}, the model takes "
-                             f"{tuple(cfg.model.x_shape)}")
-        return x, np.concatenate(ys) if ys else np.zeros(0, np.int64)
+        x, y = api.read_examples(path, split)
+        return x, y.numpy()
     if not Path(path).exists():
         raise InputError(f"{path}: no such file or directory")
     raise InputError(f"{path}: unknown input kind; use a shard directory, a .npz file with an array x, or a .csv file")
@@ -153,12 +107,6 @@ def _numeric(row: list[str]) -> bool:
 
 
 # ----------------------------------------------------------------------------- outputs
-
-
-@torch.no_grad()
-def predict_proba(model: LatentEBM, x: torch.Tensor, batch_size: int) -> np.ndarray:
-    return np.concatenate([model.predict_proba(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]) \
-        if len(x) else np.zeros((0, model.cfg.num_classes), np.float32)
 
 
 def write_predictions(out: str, proba: np.ndarray, class_names: list[str], labels: np.ndarray | None) -> None:
@@ -190,36 +138,30 @@ def run(args) -> dict | None:
         raise InputError(f"--out {args.out!r}: use a .json file (metrics or predictions) or .csv (predictions)")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model, cfg = load_model(args.checkpoint)
-    shards = args.shards or cfg.data.shards
-    manifest = None
-    try:
-        manifest = data.read_manifest(shards) if shards else None
-    except data.DataError:
-        if not args.predict or args.shards:
-            raise
-    class_names = (manifest or {}).get("class_names") or [str(k) for k in range(cfg.model.num_classes)]
-    if len(class_names) != cfg.model.num_classes:
-        raise InputError(f"{shards}: {len(class_names)} classes, the checkpoint has {cfg.model.num_classes}")
+    model = api.load(args.checkpoint, allow_pickle=args.allow_pickle, shards=args.shards)
+    model.batch_size = args.batch_size
+    cfg = model.cfg
 
     if args.predict:
-        inputs_manifest = manifest
-        if Path(args.predict).is_dir() or "://" in args.predict:
-            inputs_manifest = data.read_manifest(args.predict)
-        x, labels = read_inputs(args.predict, cfg, inputs_manifest, args.split)
-        proba = predict_proba(model, x, args.batch_size)
-        write_predictions(args.out, proba, class_names, labels)
+        x, labels = read_inputs(args.predict, args.split)
+        try:
+            proba = model.predict_proba(x).numpy()
+        except api.ModelError as e:
+            raise InputError(f"{args.predict}: {e}") from None
+        write_predictions(args.out, proba, model.class_names, labels)
         print(f"{len(proba)} predictions written to {args.out}")
         return None
 
-    if manifest is None:
+    shards = args.shards or cfg.data.shards
+    if not shards:
         raise InputError("no shards to evaluate on: pass --shards URL")
+    manifest = data.read_manifest(shards)
     if tuple(manifest["x_shape"]) != tuple(cfg.model.x_shape):
         raise InputError(f"{shards}: examples have shape {manifest['x_shape']}, the model takes "
                          f"{list(cfg.model.x_shape)}")
     batches = data.eval_batches(shards, args.split, batch_size=args.batch_size)
-    with torch.no_grad():
-        metrics = evaluate(model.predict_logits, batches, cfg.model.num_classes, torch.device("cpu"))
+    with torch.no_grad():  # the shards are in the model's units already
+        metrics = evaluate(model.net.predict_logits, batches, cfg.model.num_classes, torch.device("cpu"))
     metrics = {"checkpoint": args.checkpoint, "shards": shards, "split": args.split, **metrics}
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -231,7 +173,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (InputError, C.ConfigError, data.DataError, CheckpointError) as e:
+    except (InputError, api.ModelError, C.ConfigError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -206,6 +206,7 @@ class TrainConfig:
     progress: bool = True
     cpu_threads: int = 0  # torch intra-op threads on CPU (0 = torch's default); small MLPs run fastest on 1
     channels_last: bool = True  # on GPU, image nets and batches in channels_last memory format
+    log_with: str = "tensorboard"  # Accelerate tracker(s), comma-separated: tensorboard, mlflow, wandb, ...; "none"
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -215,6 +216,8 @@ class TrainConfig:
         _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0 = torch's default)")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
         _choice(self.on_nan, "train.on_nan", ("stop", "skip"))
+        _check(bool(self.log_with.strip()), "train.log_with",
+               'empty; name an Accelerate tracker (tensorboard, mlflow, wandb, ...) or "none"')
         for name in ("checkpoint_every", "log_every", "eval_every", "image_every"):
             _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
 

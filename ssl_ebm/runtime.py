@@ -18,6 +18,7 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
@@ -54,9 +55,14 @@ def make_accelerator(cfg: Config, logging_dir: str | None = None):
     )
     if cfg.train.mixed_precision != "no" and not deepspeed:  # DeepSpeed: see _configure_deepspeed
         kwargs["mixed_precision"] = cfg.train.mixed_precision
-    if logging_dir is not None:
-        kwargs["log_with"] = "tensorboard"
+    if logging_dir is not None and trackers(cfg):
+        kwargs["log_with"] = trackers(cfg)
         kwargs["project_dir"] = logging_dir
+        if "mlflow" in kwargs["log_with"] and not os.environ.get("MLFLOW_TRACKING_URI"):
+            # offline by default: a file store in the run directory (MLflow 3 asks for the opt-in; a database
+            # store would need SQLAlchemy: set MLFLOW_TRACKING_URI=sqlite:///... or a server to use one)
+            os.environ["MLFLOW_TRACKING_URI"] = Path(logging_dir).resolve().parent.joinpath("mlruns").as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     accelerator = Accelerator(**kwargs)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
@@ -69,6 +75,29 @@ def make_accelerator(cfg: Config, logging_dir: str | None = None):
                           "set? unset it: DeepSpeed finds the CPU itself); launch with "
                           "`accelerate launch --config_file configs/accelerate/zero2.yaml ...`")
     return accelerator
+
+
+def trackers(cfg: Config) -> list[str]:
+    """The Accelerate trackers of `train.log_with`, checked: known to Accelerate and installed.
+
+    MLflow without MLFLOW_TRACKING_URI writes to a file store beside the TensorBoard folder (offline).
+    """
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    from accelerate.utils import imports
+
+    names = [n.strip() for n in cfg.train.log_with.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"train.log_with: unknown tracker {name!r}; Accelerate supports "
+                              f"{', '.join(LOGGER_TYPE_TO_CLASS)} (comma-separated), or none")
+        available = getattr(imports, f"is_{name}_available", None)
+        if available is not None and not available():
+            package = {"mlflow": "mlflow-skinny", "comet_ml": "comet-ml"}.get(name, name)
+            raise ConfigError(f"train.log_with: the {name} tracker is not installed; pip install {package}, "
+                              "or choose another tracker")
+    return names
 
 
 def launched_with_deepspeed() -> bool:

@@ -23,8 +23,9 @@ def checkpoint(digits_shards, tmp_path_factory) -> str:
     return str(out / "checkpoints" / f"best-{metrics['best_step']:06d}"), metrics
 
 
-def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args], check=False, cwd=REPO,
+def evaluate(*args: str, allow_pickle: bool = True) -> subprocess.CompletedProcess:
+    flag = ["--allow-pickle"] if allow_pickle else []
+    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"), *args, *flag], check=False, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -86,7 +87,13 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, make_input, frag
 def test_bad_checkpoint_and_output(checkpoint, tmp_path):
     ckpt, _ = checkpoint
     proc = evaluate(str(tmp_path / "no-such-step-000010"))
+    assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+    (tmp_path / "step-000010").mkdir()
+    (tmp_path / "step-000010" / "model.pt").write_bytes(b"")  # a save killed before COMPLETE
+    proc = evaluate(str(tmp_path / "step-000010"))
     assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr
+    proc = evaluate(ckpt, allow_pickle=False)  # a checkpoint is a pickle: only with the explicit flag
+    assert proc.returncode == 2 and "--allow-pickle" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = evaluate(ckpt, "--predict", "x.npz")
     assert proc.returncode == 2 and "--out" in proc.stderr
     proc = evaluate(ckpt, "--out", str(tmp_path / "m.txt"))
