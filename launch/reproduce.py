@@ -1,18 +1,29 @@
-"""Reproduce a results row: one config over several seeds, with two baselines on the same labels.
+"""Reproduce a results row: one config over several seeds, with baselines on the same labels.
 
-    python launch/reproduce.py --config configs/magic_gamma.yaml --seeds 3 [section.key=value ...]
+    python launch/reproduce.py --config configs/magic_gamma.yaml --seeds 3 [--baselines all] [section.key=value ...]
 
 For each seed s (0, 1, ...) the shards are built once with data.split_seed = s (so each seed is a
-different labelled set), and on them run, all from the same labelled examples:
+different labelled set), and on them run, all from the same labelled examples, each with its settings
+chosen on the validation split:
     ours            launch/train.py with the config, train.seed = s (test accuracy of the weights best on
                     validation, as train.py reports it)
     supervised      the same config and nets with train.method=supervised (labelled loss only)
-    label spreading scikit-learn LabelSpreading(kernel="rbf") fitted on the labelled examples plus the
+    label_spreading scikit-learn LabelSpreading(kernel="rbf") fitted on the labelled examples plus the
                     unlabelled pool (subsampled to --ls-max-unlabelled for memory), its gamma picked on
                     the validation split from a grid around 1 / median squared distance
-The overrides apply to ours and the supervised baseline alike. Training runs go --jobs at a time
+    lr, rf, gb      logistic regression, random forest, gradient boosting on the labelled rows alone
+    self_training   SelfTrainingClassifier around the better of lr / rf
+    vat, pi         VAT and the Pi-model on the config's encoder with the prior MLP as the head
+                    (launch/baselines.py says how each is set up and what its grid is)
+--baselines picks them: the default is every one but vat and pi (which train networks, a grid of six
+runs each); "all" adds those two. The verdict compares ours with the best baseline by mean.
+The overrides apply to ours and the network baselines alike. Training runs go --jobs at a time
 (each with OMP_NUM_THREADS=1). Results go to results/<name>.json, and docs/RESULTS.md is regenerated
 from every results/*.json between its reproduce markers; everything else in it is kept.
+
+--ours-from results/x.json takes ours (and supervised) from an earlier results file of the same config
+and seeds instead of training again, and adds the baselines to it. Label spreading is then always run and
+must give the earlier file's figures seed for seed: that is the check that the shards are the same.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +46,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
 
+import baselines as BL  # launch/baselines.py
 from shards import make
 from ssl_ebm import config as C
 from ssl_ebm import data
@@ -51,6 +65,21 @@ PAPER = {
     "ag_news": "84.5 ± 0.3 (unigram, 114,600 unlabelled: not the same task)",
 }
 LS_GAMMA_SCALES = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # times 1 / median squared distance
+BASELINES = ("supervised", "label_spreading", *BL.SKLEARN, *BL.NEURAL)  # the table's order
+DEFAULT_BASELINES = ("supervised", "label_spreading", *BL.SKLEARN)
+
+
+def parse_baselines(text: str) -> list[str]:
+    """"all", "default", or a comma list of BASELINES names (in the table's order)."""
+    if text == "all":
+        return list(BASELINES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = [m for n in names for m in (DEFAULT_BASELINES if n == "default" else (n,))]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise C.ConfigError(f"--baselines: unknown {', '.join(map(repr, unknown))}; choose from "
+                            f"{', '.join(BASELINES)}, 'default' or 'all'")
+    return [n for n in BASELINES if n in names]
 
 
 def parse_args(argv=None):
@@ -68,11 +97,15 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true",
                    help="keep finished runs of the work folder whose command and config file are unchanged")
     p.add_argument("--note", default="", help="a note for the table row (e.g. fewer steps than the paper)")
+    p.add_argument("--baselines", default="default",
+                   help=f"comma list of {', '.join(BASELINES)}; 'default' = all but vat and pi; 'all' (default: default)")
+    p.add_argument("--ours-from", default="", help="take ours and supervised from this earlier results JSON "
+                   "(same config and seeds) instead of training them; label spreading then checks the shards")
     p.add_argument("overrides", nargs="*", help="dotted overrides for ours and the supervised baseline")
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- the three methods
+# ----------------------------------------------------------------------------- the methods
 
 
 def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse: bool = False) -> dict:
@@ -98,32 +131,48 @@ def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse
     return json.loads((out_dir / "metrics.json").read_text())
 
 
-def read_split(url: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for b in data.eval_batches(url, split, batch_size=2048):
-        xs.append(b["x"].flatten(1).numpy())
-        ys.append(b["y"].numpy())
-    return np.concatenate(xs), np.concatenate(ys)
+def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, out: Path,
+               reuse: bool = False) -> dict:
+    """launch/baselines.py --method vat|pi in a subprocess (one thread), its JSON; reused like train_run."""
+    cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
+           "--method", method, "--seed", str(seed), "--out", str(out / "result.json"), *overrides]
+    stamp = {"args": cmd[1:], "config_text": Path(config).read_text() if Path(config).exists() else ""}
+    done = (out / "result.json").exists() and (out / "command.json").exists()
+    if reuse and done and json.loads((out / "command.json").read_text()) == stamp:
+        return {**json.loads((out / "result.json").read_text()), "reused": True}
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(out / "baseline.log", "w") as f:
+        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (out / "baseline.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"{method} baseline failed (exit {proc.returncode}), see {out / 'baseline.log'}: {tail[0]}")
+    (out / "command.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    return json.loads((out / "result.json").read_text())
 
 
 def label_spreading(url: str, seed: int, max_unlabelled: int) -> dict:
     """RBF label spreading on the shards' labelled + (subsampled) unlabelled examples; gamma by validation."""
+    with warnings.catch_warnings():  # rows far from every label divide 0 by 0 (fit and predict): validation judges
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _label_spreading(url, seed, max_unlabelled)
+
+
+def _label_spreading(url: str, seed: int, max_unlabelled: int) -> dict:
     from sklearn.semi_supervised import LabelSpreading
 
     manifest = data.read_manifest(url)
-    x_l, y_l = read_split(url, "labelled")
-    x_u, _ = read_split(url, "unlabelled")
+    x_l, y_l = BL.read_split(url, "labelled")
+    x_u, _ = BL.read_split(url, "unlabelled")
     n_pool = len(x_u)
     rng = np.random.default_rng(seed)
     if len(x_u) > max_unlabelled:
         x_u = x_u[rng.choice(len(x_u), max_unlabelled, replace=False)]
-    parts = {s: read_split(url, s) for s in ("val", "test") if manifest["splits"][s]["count"]}
-    if manifest["kind"] == "counts":  # word counts: log-scaled, unit length (a cosine-like RBF)
-        def prep(x):
-            x = np.log1p(x)
-            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        x_l, x_u = prep(x_l), prep(x_u)
-        parts = {s: (prep(x), y) for s, (x, y) in parts.items()}
+    parts = {s: BL.read_split(url, s) for s in ("val", "test") if manifest["splits"][s]["count"]}
+    # word counts: log-scaled, unit length (a cosine-like RBF); other kinds as stored
+    x_l, x_u = BL.prepare(manifest, x_l), BL.prepare(manifest, x_u)
+    parts = {s: (BL.prepare(manifest, x), y) for s, (x, y) in parts.items()}
     x = np.concatenate([x_l, x_u]).astype(np.float64)
     y = np.concatenate([y_l, -np.ones(len(x_u), np.int64)])
     sub = x[rng.choice(len(x), min(len(x), 1000), replace=False)]
@@ -167,28 +216,50 @@ def fmt(s: dict | None) -> str:
     return "-" if not s else f"{s['mean']:.1f} ± {s['std']:.1f}"
 
 
+def best_baseline(r: dict) -> tuple[str, dict] | None:
+    """The baseline with the highest mean test accuracy among those the row ran."""
+    ran = [(n, r[n]) for n in BASELINES if r.get(n)]
+    return max(ran, key=lambda kv: kv[1]["mean"]) if ran else None
+
+
+def verdict(r: dict) -> str:
+    best = best_baseline(r)
+    if best is None:
+        return "no baseline run"
+    name, s = best
+    ran = sum(1 for n in BASELINES if r.get(n))
+    of = f"the best of the {ran} baselines run" if ran < len(BASELINES) else "the best baseline"
+    if r["ours"]["mean"] > s["mean"]:
+        return f"beats {of} ({BL.NAMES[name]})"
+    return f"**does not beat {BL.NAMES[name]}** ({of})"
+
+
 def render(results: list[dict]) -> str:
-    rows = [("| dataset | labels | ours | supervised only | RBF label spreading | paper (ours) | variant | verdict "
-             "| command | date |"), "|" + " --- |" * 10]
+    head = ["dataset", "labels", "ours", "best baseline", *(BL.NAMES[n] for n in BASELINES), "paper (ours)",
+            "variant", "verdict", "command", "date"]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in sorted(results, key=lambda r: r["name"]):
-        ours, sup, ls = r["ours"]["mean"], r["supervised"]["mean"], r["label_spreading"]["mean"]
-        verdict = "beats both" if ours > max(sup, ls) else \
-            f"**does not beat {'supervised' if ours <= sup else ''}{' and ' if ours <= sup and ours <= ls else ''}" \
-            f"{'label spreading' if ours <= ls else ''}**"
         note = f" ({r['note']})" if r.get("note") else ""
         if "resolved_config" in r:  # from the config itself, so that older results show the same fields
             r["variant"] = variant(C.from_dict(C.Config, r["resolved_config"]))
         name = r["name"] if r["name"] == r["dataset"] else f"{r['name']} ({r['dataset']})"
-        rows.append(f"| {name} | {r['labels']} | {fmt(r['ours'])} | {fmt(r['supervised'])} "
-                    f"| {fmt(r['label_spreading'])} | {r.get('paper') or '-'} | {r['variant']}{note} | {verdict} "
-                    f"| `{r['command']}` | {r['date']} |")
+        best = best_baseline(r)
+        cells = [name, str(r["labels"]), fmt(r["ours"]), BL.NAMES[best[0]] if best else "-",
+                 *(fmt(r.get(n)) for n in BASELINES), r.get("paper") or "-", r["variant"] + note, verdict(r),
+                 f"`{r['command']}`", r["date"]]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join([
         BEGIN, "## Results (reproduce command)", "",
         (f"Test accuracy (%), mean ± std over {', '.join(sorted({str(len(r['seeds'])) for r in results}))} seeds; "
-         "each seed is a different labelled set (data.split_seed = train.seed = seed) and all three methods use "
-        "the same labelled examples for a seed. Ours and supervised-only: the checkpoint best on validation. "
-        "Label spreading: scikit-learn LabelSpreading(kernel='rbf'), gamma chosen on validation, unlabelled pool "
-         "subsampled (see results/<name>.json). Regenerate with `python launch/reproduce.py --config ...`."), "",
+         "each seed is a different labelled set (data.split_seed = train.seed = seed) and every method uses "
+         "the same labelled examples for a seed, with its settings chosen on the validation split. Ours and "
+         "supervised-only: the checkpoint best on validation. Label spreading: scikit-learn "
+         "LabelSpreading(kernel='rbf'), gamma chosen on validation, unlabelled pool subsampled. Logistic "
+         "regression, random forest and gradient boosting see the labelled rows alone; self-training wraps the "
+         "better of the first two; VAT and the Π-model train our encoder with the prior MLP as the head "
+         "(launch/baselines.py). '-': not run for that row. The verdict compares ours with the best baseline "
+         "the row ran, by mean. Per-seed figures and chosen settings: results/<name>.json. Regenerate with "
+         "`python launch/reproduce.py --config ...`."), "",
         *rows, "", END])
 
 
@@ -208,65 +279,121 @@ def write_doc(doc: Path, results_dir: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def earlier_runs(path: str, cfg: C.Config, seeds: list[int]) -> dict[int, dict]:
+    """The per-seed runs of an earlier results file, checked to be of this config and these seeds."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise C.ConfigError(f"--ours-from {path}: cannot read it as a results JSON ({e})") from None
+    try:  # fields added since then take their defaults
+        same = C.to_dict(C.from_dict(C.Config, earlier["resolved_config"])) == C.to_dict(cfg)
+    except (KeyError, C.ConfigError):
+        same = False
+    if not same:
+        raise C.ConfigError(f"--ours-from {path}: its resolved config differs from this command's; pass the "
+                            "config and overrides it was made with (its 'command' field)")
+    runs = {r["seed"]: r for r in earlier.get("runs", [])}
+    missing = [s for s in seeds if s not in runs]
+    if missing:
+        raise C.ConfigError(f"--ours-from {path}: no runs for seeds {missing}; lower --seeds")
+    return runs
+
+
+def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained: dict) -> dict:
+    """One seed's results: ours and supervised (trained now, or taken from --ours-from), then the baselines."""
+    if earlier is not None:
+        before, now = earlier[s]["label_spreading"]["test_accuracy"], fitted["label_spreading"]["test_accuracy"]
+        if abs(before - now) > 1e-9:
+            raise RuntimeError(f"--ours-from {ours_from}: label spreading on seed {s} gives {now:.4f} here "
+                               f"and {before:.4f} there, so the shards differ; train ours again without --ours-from")
+        run = {k: earlier[s][k] for k in ("ours", "supervised") if k in earlier[s]}
+        run["ours"] = {**run["ours"], "from": ours_from}
+    else:
+        keys = ("val_accuracy", "best_step", "seconds", "recoveries", "stopped_at", "reused")
+        ours = trained[(s, "ours")]
+        run = {"ours": {k: ours.get(k) for k in keys} | {"test_accuracy": ours["test"]["accuracy"],
+                                                         "test_macro_f1": ours["test"].get("macro_f1")}}
+        if "supervised" in chosen:
+            sup = trained[(s, "supervised")]
+            run["supervised"] = {k: sup.get(k) for k in ("val_accuracy", "best_step", "seconds", "reused")} \
+                | {"test_accuracy": sup["test"]["accuracy"]}
+    run.update(fitted)
+    run.update({m: trained[(s, m)] for m in BL.NEURAL if (s, m) in trained})
+    return {"seed": s, "shards": url, **run}
+
+
 def reproduce(args) -> dict:
     t0 = time.time()
     raw = C.raw_tree(args.config, args.overrides)
     cfg = C.from_dict(C.Config, raw)
+    chosen = parse_baselines(args.baselines)
     name = args.name or Path(args.config).stem
     work = (REPO / args.work / name).resolve() if not os.path.isabs(args.work) else Path(args.work) / name
     seeds = list(range(args.seeds))
+    earlier = earlier_runs(args.ours_from, cfg, seeds) if args.ours_from else None
+    if earlier is not None and "label_spreading" not in chosen:
+        chosen = parse_baselines(",".join([*chosen, "label_spreading"]))  # it checks the shards
     urls = {}
-    for s in seeds:  # one shard build per seed, shared by all three methods
+    for s in seeds:  # one shard build per seed, shared by every method
         shard_dir = work / f"seed{s}" / "shards"
         urls[s] = make.ensure(C.from_dict(C.Config, C._merge(raw, {"data": {
             "shards": str(shard_dir), "split_seed": s}})).data)
     manifest = data.read_manifest(urls[seeds[0]])
 
-    jobs = []
+    jobs = []  # (seed, method, callable) for the thread pool: training subprocesses
     for s in seeds:
         common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={s}"]
-        for method in ("ours", "supervised"):
+        methods = [] if earlier is not None else ["ours", *(["supervised"] if "supervised" in chosen else [])]
+        for method in methods:
             extra = ["train.method=supervised"] if method == "supervised" else []
             out = work / f"seed{s}" / method
             out.mkdir(parents=True, exist_ok=True)
-            jobs.append((s, method, [*common, *extra], out))
+            jobs.append((s, method, lambda ov=[*common, *extra], out=out:
+                         train_run(args.config, ov, out, out / "train.log", args.reuse)))
+        for method in (m for m in BL.NEURAL if m in chosen):
+            jobs.append((s, method, lambda method=method, s=s: neural_run(
+                method, args.config, [*args.overrides, f"train.seed={s}"], urls[s], s,
+                work / f"seed{s}" / method, args.reuse)))
+    sklearn = [m for m in BL.SKLEARN if m in chosen]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {(s, m): pool.submit(train_run, args.config, ov, out, out / "train.log", args.reuse)
-                   for s, m, ov, out in jobs}
-        spreading = {s: label_spreading(urls[s], s, args.ls_max_unlabelled) for s in seeds}  # meanwhile, here
+        futures = {(s, m): pool.submit(fn) for s, m, fn in jobs}
+        fitted = {}  # meanwhile, here: the scikit-learn baselines
+        for s in seeds:
+            fitted[s] = BL.sklearn_baselines(urls[s], sklearn, s, args.ls_max_unlabelled) if sklearn else {}
+            if "label_spreading" in chosen:
+                fitted[s]["label_spreading"] = label_spreading(urls[s], s, args.ls_max_unlabelled)
         trained = {k: f.result() for k, f in futures.items()}
 
-    runs = []
-    for s in seeds:
-        ours, sup = trained[(s, "ours")], trained[(s, "supervised")]
-        keys = ("val_accuracy", "best_step", "seconds", "recoveries", "stopped_at", "reused")
-        runs.append({"seed": s, "shards": urls[s],
-                     "ours": {k: ours.get(k) for k in keys} | {"test_accuracy": ours["test"]["accuracy"]},
-                     "supervised": {k: sup.get(k) for k in ("val_accuracy", "best_step", "seconds", "reused")}
-                     | {"test_accuracy": sup["test"]["accuracy"]},
-                     "label_spreading": spreading[s]})
+    runs = [seed_row(s, urls[s], earlier, args.ours_from, chosen, fitted[s], trained) for s in seeds]
     command = "python launch/reproduce.py " + " ".join(shlex.quote(a) for a in [
         "--config", os.path.relpath(args.config, REPO) if os.path.isabs(args.config) else args.config,
-        "--seeds", str(args.seeds), *(["--name", args.name] if args.name else []), *args.overrides])
+        "--seeds", str(args.seeds), *(["--name", args.name] if args.name else []),
+        *(["--baselines", args.baselines] if args.baselines != "default" else []),
+        *(["--ours-from", args.ours_from] if args.ours_from else []), *args.overrides])
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
         "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg),
+        "baselines": [m for m in BASELINES if all(m in r for r in runs)],
         "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
-        "supervised": summary([r["supervised"]["test_accuracy"] for r in runs]),
-        "label_spreading": summary([r["label_spreading"]["test_accuracy"] for r in runs]),
-        "ls_unlabelled": f"{runs[0]['label_spreading']['unlabelled_used']} of "
-                         f"{runs[0]['label_spreading']['unlabelled_pool']}",
+        **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},
         "paper": PAPER.get(name, ""), "note": args.note, "command": command,
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0, 1), "runs": runs,
         "resolved_config": C.to_dict(cfg),
     }
+    if "label_spreading" in result:
+        result["ls_unlabelled"] = (f"{runs[0]['label_spreading']['unlabelled_used']} of "
+                                   f"{runs[0]['label_spreading']['unlabelled_pool']}")
+    best = best_baseline(result)
+    result["best_baseline"] = best[0] if best else None
+    result["seeds_won_against_best"] = sum(r["ours"]["test_accuracy"] > r[best[0]]["test_accuracy"]
+                                           for r in runs) if best else None
     results_dir = REPO / args.results if not os.path.isabs(args.results) else Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_doc(REPO / args.doc if not os.path.isabs(args.doc) else Path(args.doc), results_dir)
-    print(f"{name}: ours {fmt(result['ours'])}, supervised {fmt(result['supervised'])}, label spreading "
-          f"{fmt(result['label_spreading'])} over {len(seeds)} seeds in {result['seconds']:.0f} s; "
-          f"wrote {results_dir / (name + '.json')} and {args.doc}", flush=True)
+    others = ", ".join(f"{BL.NAMES[m]} {fmt(result[m])}" for m in BASELINES if m in result)
+    print(f"{name}: ours {fmt(result['ours'])}; {others} over {len(seeds)} seeds in {result['seconds']:.0f} s; "
+          f"{verdict(result)}; wrote {results_dir / (name + '.json')} and {args.doc}", flush=True)
     return result
 
 

@@ -16,7 +16,8 @@ Parts: "train" and "test" when the format comes with an official split; "all" wh
     miniboone      MiniBooNE_PID.txt                           20 / 10% / 20%, classes cut to equal size
     hepmass        folder: 1000_train.csv, 1000_test.csv       20 / 10% / official
     protein        CASP.csv                                    100 / 10% / 20%; RMSD in 10 quantile classes
-    mnist          shared/data mnist_train10k_test10k.npz      100 / 1000 / official
+    mnist          folder of the official IDX .gz files        100 / 5000 / official (54,900 unlabelled)
+                   (shared/data/mnist), or its 10k .npz subset 100 / 1000 / official
     cifar10_jpeg   shared/data cifar10_jpeg_q75.npz            4000 / 5000 / official
     magic_gamma, letter, satimage, shuttle, spambase           20, 260, 60, 35, 20 / 10% / official
                    shared/data <name>.npz
@@ -353,18 +354,6 @@ def _npz(source: str, dataset: str, filename: str, keys: tuple[str, ...]) -> tup
     return arrays, f
 
 
-def read_mnist(source: str, opts: dict) -> Source:
-    a, f = _npz(source, "mnist", "mnist_train10k_test10k.npz", ("x_train", "y_train", "x_test", "y_test"))
-    xs = {}
-    for part in ("train", "test"):
-        x = a[f"x_{part}"]
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise _fail(f, f"x_{part} uint8 (N, H, W)", f"got {x.dtype} {x.shape}")
-        xs[part] = x[..., None]
-    return Source("image", xs, {p: a[f"y_{p}"].astype(np.int64) for p in ("train", "test")},
-                  [str(i) for i in range(10)], [str(f)])
-
-
 def read_cifar10_jpeg(source: str, opts: dict) -> Source:
     keys = ("x_train_jpeg", "x_train_offsets", "y_train", "x_test_jpeg", "x_test_offsets", "y_test", "class_names")
     a, f = _npz(source, "cifar10_jpeg", "cifar10_jpeg_q75.npz", keys)
@@ -393,7 +382,7 @@ def _read_tabular_npz(dataset: str, filename: str) -> Callable[[str, dict], Sour
     return read
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST IDX
+# ----------------------------------------------------------------------------- MNIST and Fashion-MNIST IDX
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -419,23 +408,65 @@ def _idx(f: Path, magic: int) -> np.ndarray:
     return data.reshape(shape)
 
 
-def read_fashion_mnist(source: str, opts: dict) -> Source:
-    path = Path(source or FASHION_DIR)
-    if not path.is_dir():
-        raise DataError(f"{path} does not exist: install Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
-                        "or pass --source with a folder of its IDX files")
+def _idx_files(folder: Path, prefix: str) -> tuple[Path, Path] | None:
+    """The images and labels IDX files of one part (`train` or `t10k`), gzipped or not; None if absent."""
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):
+        names = [f"{prefix}-{kind}-ubyte.gz", f"{prefix}-{kind}-ubyte"]
+        found.append(next((folder / n for n in names if (folder / n).is_file()), None))
+    return None if None in found else (found[0], found[1])
+
+
+def _read_idx_folder(folder: Path, dataset: str, class_names: list[str]) -> Source:
+    """The official MNIST layout (also Fashion-MNIST's): {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
     xs, ys, files = {}, {}, []
     for part, prefix in (("train", "train"), ("test", "t10k")):
-        fx = _find(path, (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-images-idx3-ubyte"), "fashion_mnist",
-                   "the Fashion-MNIST IDX files")
-        fy = _find(path, (f"{prefix}-labels-idx1-ubyte.gz", f"{prefix}-labels-idx1-ubyte"), "fashion_mnist",
-                   "the Fashion-MNIST IDX files")
+        pair = _idx_files(folder, prefix)
+        if pair is None:
+            raise DataError(f"{folder}: no {prefix}-images-idx3-ubyte.gz and {prefix}-labels-idx1-ubyte.gz "
+                            f"in this folder; {dataset} needs the four IDX files (train and t10k, images and labels)")
+        fx, fy = pair
         x, y = _idx(fx, 2051), _idx(fy, 2049).astype(np.int64)
         if len(x) != len(y):
             raise _fail(fy, f"{len(x)} labels to match {fx.name}", f"got {len(y)}")
         xs[part], ys[part] = x[..., None], y
         files += [str(fx), str(fy)]
-    return Source("image", xs, ys, list(FASHION_CLASSES), files)
+    return Source("image", xs, ys, list(class_names), files)
+
+
+def read_fashion_mnist(source: str, opts: dict) -> Source:
+    path = Path(source or FASHION_DIR)
+    if not path.is_dir():
+        raise DataError(f"{path} does not exist: install Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
+                        "or pass --source with a folder of its IDX files")
+    return _read_idx_folder(path, "fashion_mnist", FASHION_CLASSES)
+
+
+MNIST_NPZ = "mnist_train10k_test10k.npz"
+# The full 60,000 training images leave room for Fashion-MNIST's validation size; the 10k subset keeps 1,000.
+MNIST_IDX_PROTOCOL = Protocol(num_labelled=100, num_val=5000)
+
+
+def read_mnist(source: str, opts: dict) -> Source:
+    """A folder with the official IDX files (60,000 / 10,000), else shared/data's 10k-train .npz subset."""
+    what = f"a folder with the official MNIST IDX files (train-images-idx3-ubyte.gz, ...) or the {MNIST_NPZ} file"
+    path = _path(source, "mnist", what)
+    if path.is_dir() and _idx_files(path, "train") is not None:
+        src = _read_idx_folder(path, "mnist", [str(i) for i in range(10)])
+        src.protocol = MNIST_IDX_PROTOCOL
+        return src
+    if path.is_dir() and not (path / MNIST_NPZ).is_file():
+        raise DataError(f"{path}: no train-images-idx3-ubyte.gz (official IDX files) or {MNIST_NPZ} in this folder; "
+                        f"mnist needs {what}")
+    a, f = _npz(source, "mnist", MNIST_NPZ, ("x_train", "y_train", "x_test", "y_test"))
+    xs = {}
+    for part in ("train", "test"):
+        x = a[f"x_{part}"]
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise _fail(f, f"x_{part} uint8 (N, H, W)", f"got {x.dtype} {x.shape}")
+        xs[part] = x[..., None]
+    return Source("image", xs, {p: a[f"y_{p}"].astype(np.int64) for p in ("train", "test")},
+                  [str(i) for i in range(10)], [str(f)])
 
 
 # ----------------------------------------------------------------------------- generic: HF datasets, tables, folders

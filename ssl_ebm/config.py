@@ -29,7 +29,7 @@ def _choice(value: str, path: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, path, f"unknown value {value!r}; valid choices: {', '.join(choices)}")
 
 
-ENCODERS = ("wrn", "mlp")
+ENCODERS = ("wrn", "conv", "mlp")
 GENERATORS = ("deconv", "mlp")
 LIKELIHOODS = ("gaussian", "multinomial")
 ACTIVATIONS = ("gelu", "relu", "leaky_relu", "elu", "silu", "tanh")
@@ -40,7 +40,7 @@ DECONV_SIZES = (28, 32)  # image sizes (H = W) the 4-layer deconvolutional gener
 class ModelConfig:
     """The three networks and the latent space (paper section 3, eqs. 1-5)."""
 
-    encoder: str = "mlp"  # q(z|x): "wrn" (Wide-ResNet, images) or "mlp" (vectors)
+    encoder: str = "mlp"  # q(z|x): "wrn" (Wide-ResNet, images), "conv" (small conv net, images) or "mlp" (vectors)
     generator: str = "mlp"  # p(x|z): "deconv" (4-layer, images) or "mlp" (vectors)
     likelihood: str = "gaussian"  # "gaussian" (fixed obs_sigma) or "multinomial" (word counts)
     x_shape: tuple[int, ...] = (64,)  # (D,) for vectors, (C, H, W) for images
@@ -52,6 +52,8 @@ class ModelConfig:
     activation: str = "gelu"  # activation of the MLP encoder and generator
     wrn_depth: int = 28  # WRN-d-k: d = 6n + 4
     wrn_width: int = 2  # WRN-d-k: k
+    conv_channels: int = 32  # conv encoder: channels of its first layer (then 2x, 4x)
+    conv_batchnorm: bool = True  # conv encoder: BatchNorm after its second and third convolution
     gen_channels: int = 64  # base channel width of the deconvolutional generator
     sigma0: float = 1.0  # p0(z) = N(0, sigma0^2 I)
     obs_sigma: float = 0.3  # std of the Gaussian likelihood x = g(z) + N(0, obs_sigma^2)
@@ -78,7 +80,7 @@ class ModelConfig:
         _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")
         _check(self.mi_weight >= 0, "model.mi_weight", "must be >= 0 (0 turns the mutual-information term off)")
         image = len(self.x_shape) == 3
-        if self.encoder == "wrn" or self.generator == "deconv":
+        if self.encoder in ("wrn", "conv") or self.generator == "deconv":
             _check(image, "model.x_shape",
                    f"encoder {self.encoder!r} / generator {self.generator!r} need an image shape [C, H, W], "
                    f"got {list(self.x_shape)}")
@@ -88,6 +90,12 @@ class ModelConfig:
                    f"got {list(self.x_shape)}; the deconv generator produces only "
                    f"{' or '.join(f'{s}x{s}' for s in DECONV_SIZES)} images: resize the data or use generator 'mlp'")
             _check(self.gen_channels >= 1, "model.gen_channels", f"got {self.gen_channels}; must be >= 1")
+        if self.encoder == "conv":
+            h, w = self.x_shape[1:]
+            _check(h == w and h in DECONV_SIZES, "model.x_shape",
+                   f"got {list(self.x_shape)}; the conv encoder reads only "
+                   f"{' or '.join(f'{s}x{s}' for s in DECONV_SIZES)} images: resize the data or use encoder 'wrn'")
+            _check(self.conv_channels >= 1, "model.conv_channels", f"got {self.conv_channels}; must be >= 1")
         if self.encoder == "wrn":
             _check((self.wrn_depth - 4) % 6 == 0 and self.wrn_depth >= 10, "model.wrn_depth",
                    f"got {self.wrn_depth}; WRN depth must be 6n + 4 (10, 16, 22, 28, 40, ...)")

@@ -26,7 +26,7 @@ def test_round_trip_through_yaml(tmp_path):
     (["modle.z_dim=3"], "modle: unknown config key; did you mean 'model'"),
     (["train.steps=abc"], "train.steps: expected an integer"),
     (["train.steps=1.5"], "train.steps: expected an integer"),
-    (["model.encoder=resnet"], "model.encoder: unknown value 'resnet'; valid choices: wrn, mlp"),
+    (["model.encoder=resnet"], "model.encoder: unknown value 'resnet'; valid choices: wrn, conv, mlp"),
     (["model.num_classes=1"], "model.num_classes"),
     (["sampler.step_size=-0.1"], "sampler.step_size"),
     (["model.encoder=wrn"], "model.x_shape"),

@@ -77,8 +77,11 @@ def test_prior_spectral_norm():
 
 
 @pytest.mark.parametrize("make, field, words", [
-    (lambda: ModelConfig(encoder="resnet"), "model.encoder", "wrn, mlp"),
+    (lambda: ModelConfig(encoder="resnet"), "model.encoder", "wrn, conv, mlp"),
     (lambda: ModelConfig(generator="gan"), "model.generator", "deconv, mlp"),
+    (lambda: ModelConfig(encoder="conv", generator="mlp", x_shape=(1, 20, 20)), "model.x_shape",
+     "the conv encoder reads only 28x28 or 32x32"),
+    (lambda: ModelConfig(encoder="conv", x_shape=(784,)), "model.x_shape", "need an image shape"),
     (lambda: ModelConfig(likelihood="bernoulli"), "model.likelihood", "gaussian, multinomial"),
     (lambda: ModelConfig(encoder="wrn", generator="deconv", x_shape=(3, 64, 64)), "model.x_shape", "28x28 or 32x32"),
     (lambda: ModelConfig(encoder="mlp", generator="deconv", x_shape=(1, 28, 32)), "model.x_shape", "28x28 or 32x32"),

@@ -47,3 +47,59 @@ def test_reproduce_bad_config_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), "--config",
                            str(tmp_path / "nope.yaml")], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_reproduce_every_baseline_on_the_same_shards(tmp_path):
+    """--baselines all on digits: every baseline runs on seed 0's shards, its setting chosen on validation,
+    and the verdict names the best one; --ours-from then reuses ours and checks the shards."""
+    doc = tmp_path / "RESULTS.md"
+    common = ["--config", str(REPO / "configs" / "digits.yaml"), "--seeds", "1", "--work", str(tmp_path / "work"),
+              "--results", str(tmp_path / "results"), "--doc", str(doc), "--ls-max-unlabelled", "300"]
+    tiny = [*TINY, "train.steps=10", "train.eval_every=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), *common, "--baselines", "all",
+                           *tiny], check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "digits.json").read_text())
+    names = ["supervised", "label_spreading", "lr", "rf", "gb", "self_training", "vat", "pi"]
+    assert result["baselines"] == names
+    run = result["runs"][0]
+    for name in names:
+        assert 0.0 <= run[name]["test_accuracy"] <= 1.0, name
+        if "candidates" in run[name]:  # the chosen setting is the one best on validation
+            assert run[name]["val_accuracy"] == max(c["val_accuracy"] for c in run[name]["candidates"]), name
+    assert len(run["vat"]["candidates"]) == 6 and len(run["pi"]["candidates"]) == 6
+    assert run["vat"]["steps"] == 10 and run["self_training"]["settings"]["base"] in ("lr", "rf")
+    # the verdict is against the best baseline by mean, whichever it is
+    best = max(names, key=lambda n: result[n]["mean"])
+    assert result["best_baseline"] == best
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| digits |"))
+    assert ("beats the best baseline" if result["ours"]["mean"] > result[best]["mean"] else "does not beat") in row
+    sys.path.insert(0, str(REPO / "launch"))
+    from baselines import NAMES
+
+    assert NAMES[best] in row.split(" | ")[-3]  # the verdict cell names it
+
+    # --ours-from: ours is taken from that file, label spreading must agree seed for seed
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(result))
+    again = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), *common, "--baselines", "lr",
+                            "--ours-from", str(earlier), *tiny], check=False, cwd=REPO, capture_output=True,
+                           text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reused = json.loads((tmp_path / "results" / "digits.json").read_text())
+    assert reused["runs"][0]["ours"]["test_accuracy"] == run["ours"]["test_accuracy"]
+    assert reused["baselines"] == ["supervised", "label_spreading", "lr"]
+    result["runs"][0]["label_spreading"]["test_accuracy"] += 0.01  # as if the shards had been different
+    earlier.write_text(json.dumps(result))
+    bad = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), *common, "--baselines", "lr",
+                          "--ours-from", str(earlier), *tiny], check=False, cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "shards differ" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_reproduce_unknown_baseline_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), "--config",
+                           str(REPO / "configs" / "digits.yaml"), "--baselines", "lr,svm"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "'svm'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

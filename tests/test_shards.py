@@ -221,6 +221,31 @@ def test_fashion_mnist_idx_round_trip(tmp_path):
     assert m["class_names"][9] == "Ankle boot"
 
 
+def test_mnist_reads_the_idx_layout_before_the_npz_subset(tmp_path):
+    rng = np.random.default_rng(1)
+    parts = {"train": (images(rng, 40, 28, 28, 1), balanced_labels(rng, 40, 10)),
+             "test": (images(rng, 10, 28, 28, 1), np.arange(10))}
+    for part, prefix in (("train", "train"), ("test", "t10k")):
+        write_idx(tmp_path, prefix, parts[part][0][..., 0], parts[part][1])
+    # a decoy .npz in the same folder, as in shared/data/mnist: the official files win
+    np.savez_compressed(tmp_path / "mnist_train10k_test10k.npz", x_train=parts["train"][0][:20, ..., 0],
+                        y_train=parts["train"][1][:20], x_test=parts["test"][0][..., 0], y_test=parts["test"][1])
+    src, protocol = sources.read("mnist", str(tmp_path), {})
+    assert protocol.num_val == 5000 and len(src.x["train"]) == 40 and src.files[0].endswith("train-images-idx3-ubyte.gz")
+    url = str(tmp_path / "shards")
+    m = build("mnist", url, str(tmp_path), num_labelled=10, num_val=5, progress=False)
+    check_images(url, parts)
+    assert m["x_shape"] == [1, 28, 28] and m["class_names"] == [str(i) for i in range(10)]
+    # the .npz file named directly is still the 10k subset, with its own validation size
+    src, protocol = sources.read("mnist", str(tmp_path / "mnist_train10k_test10k.npz"), {})
+    assert protocol.num_val == 1000 and len(src.x["train"]) == 20
+    # a folder with only the test files: one line naming what is missing
+    (tmp_path / "half").mkdir()
+    write_idx(tmp_path / "half", "t10k", parts["test"][0][..., 0], parts["test"][1])
+    with pytest.raises(DataError, match=r"half: no train-images-idx3-ubyte.gz .* or mnist_train10k_test10k.npz"):
+        sources.read("mnist", str(tmp_path / "half"), {})
+
+
 def test_hf_dataset_on_disk_round_trip(tmp_path):
     import datasets
 
@@ -433,6 +458,23 @@ def test_real_ag_news_test_file_protocol():
     assert src.class_names == ["World", "Sports", "Business", "Sci/Tech"]
 
 
+@pytest.mark.skipif(not (SHARED / "mnist" / "train-images-idx3-ubyte.gz").is_file(),
+                    reason=f"{SHARED / 'mnist'} has no official MNIST IDX files (the shared real datasets are absent)")
+def test_real_mnist_idx_protocol():
+    src, protocol = sources.read("mnist", str(SHARED / "mnist"), {})
+    assert [len(src.x[p]) for p in ("train", "test")] == [60_000, 10_000]
+    assert src.x["train"].shape[1:] == (28, 28, 1) and src.x["train"].dtype == np.uint8
+    assert np.bincount(src.y["train"]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(src.y["test"]).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    with np.load(SHARED / "mnist" / "mnist_train10k_test10k.npz") as z:  # the subset is the first 10k rows
+        assert np.array_equal(src.x["train"][:10_000, ..., 0], z["x_train"])
+        assert np.array_equal(src.x["test"][..., 0], z["x_test"])
+    plan = plan_splits(src, protocol)
+    counts = {s: len(r) for s, (_, r) in plan.splits.items()}
+    assert counts == {"labelled": 100, "unlabelled": 54_900, "val": 5000, "test": 10_000}
+    assert np.bincount(plan.y["train"][plan.splits["labelled"][1]]).tolist() == [10] * 10
+
+
 def test_real_fashion_mnist_protocol():
     if not Path(sources.FASHION_DIR).is_dir():
         pytest.skip(f"{sources.FASHION_DIR} is absent: `apt-get install dataset-fashion-mnist` to run this test")
@@ -536,7 +578,8 @@ def _bad_sources(tmp: Path) -> list[tuple[str, str, str]]:
         ("fashion_mnist", str(tmp / "fm"), r"train-images-idx3-ubyte.gz: not in the expected format: an IDX file "
                                            r"with magic 2051"),
         ("protein", str(tmp), r"CASP.csv: not in the expected format: header RMSD"),
-        ("mnist", str(tmp), r"no mnist_train10k_test10k.npz in this folder"),
+        ("mnist", str(tmp), r"no train-images-idx3-ubyte.gz \(official IDX files\) or mnist_train10k_test10k.npz "
+                            r"in this folder"),
         ("hepmass", str(tmp / "nope"), r"does not exist"),
         ("table", str(tmp / "CASP.csv"), r"no label column 'label'"),
         ("image_folder", str(tmp / "ag"), r"no class subfolders"),

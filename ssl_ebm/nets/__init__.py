@@ -6,12 +6,13 @@ Each family is one builder behind a small registry keyed by the config's names.
 from torch import nn
 
 from ssl_ebm.config import ENCODERS, GENERATORS, ModelConfig
+from ssl_ebm.nets.conv import ConvEncoder
 from ssl_ebm.nets.deconv import DeconvGenerator
 from ssl_ebm.nets.mlp import MLPEncoder, MLPGenerator
 from ssl_ebm.nets.prior import Prior
 from ssl_ebm.nets.wrn import WideResNet
 
-ENCODER_REGISTRY = {"wrn": WideResNet, "mlp": MLPEncoder}
+ENCODER_REGISTRY = {"wrn": WideResNet, "conv": ConvEncoder, "mlp": MLPEncoder}
 GENERATOR_REGISTRY = {"deconv": DeconvGenerator, "mlp": MLPGenerator}
 assert set(ENCODER_REGISTRY) == set(ENCODERS) and set(GENERATOR_REGISTRY) == set(GENERATORS)
 
