@@ -24,7 +24,9 @@ Protocol (seeded by --seed; everything is recorded in the manifest):
 4. labelled: --num-labelled from the pool, class-balanced (--balance stratified: proportional, at
    least one per class); written with the classes interleaved so any contiguous part is balanced;
 5. unlabelled: the rest of the pool, shuffled. By default the labelled examples also feed the
-   unlabelled stream (manifest "unlabelled_stream"); --labelled-not-unlabelled turns that off.
+   unlabelled stream (manifest "unlabelled_stream"); --labelled-not-unlabelled turns that off. A dataset's
+   protocol may keep a random subset of a count (HEPMASS: 140,000), and may let the validation examples
+   feed the unlabelled stream too, without their labels (Protein, for the paper's 41,057 unlabelled).
 
 manifest.json (format_version 1):
     dataset, kind ("image" | "vector" | "counts"), x_shape ([C, H, W] | [D] | [V]: what the loaders
@@ -207,6 +209,11 @@ def plan_splits(src: sources.Source, protocol: sources.Protocol, num_labelled: i
         done["target_bins"] = {"target": src.target_name, "edges": edges.tolist()}
     labelled = _labelled(pool, y[train_part], num_labelled, opts["balance"], class_names, rng)
     unlabelled = rng.permutation(np.setdiff1d(pool, labelled))
+    if protocol.num_unlabelled:  # a random subset (the paper's count for a very large source)
+        unlabelled = unlabelled[:protocol.num_unlabelled]
+        done["num_unlabelled"] = int(len(unlabelled))
+    if protocol.val_in_unlabelled:
+        done["val_in_unlabelled"] = True
     splits = {"labelled": (train_part, labelled), "unlabelled": (train_part, unlabelled),
               "val": (train_part, val), "test": (test_part, test)}
     return Plan(splits, y, class_names, train_part, done)
@@ -401,7 +408,8 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
         "stored_shape": enc.stored_shape,
         "stored_dtype": enc.stored_dtype,
         "splits": splits,
-        "unlabelled_stream": ["unlabelled", "labelled"] if opts["labelled_in_unlabelled"] else ["unlabelled"],
+        "unlabelled_stream": ["unlabelled", *(["val"] if plan.protocol.get("val_in_unlabelled") else []),
+                              *(["labelled"] if opts["labelled_in_unlabelled"] else [])],
         "normalisation": enc.normalisation,
         "vocab": enc.vocab,
         "seed": seed,

@@ -12,8 +12,9 @@ are stored sparse and come out as dense float32 counts.
 
 Who reads what. A rank's workers are "consumers": consumer g = rank * W + worker of G = world_size * W
 (W = max(num_workers, 1)).
-- Unlabelled stream: the splits listed in manifest["unlabelled_stream"] ("unlabelled", then "labelled"
-  when the labelled examples also feed the unlabelled stream, the default), seen as one index range
+- Unlabelled stream: the splits listed in manifest["unlabelled_stream"] ("unlabelled", then "val" where
+  the protocol lets validation examples feed it, then "labelled" when the labelled examples also feed the
+  unlabelled stream, the default), seen as one index range
   [0, N). Consumer g owns [g*N//G, (g+1)*N//G): streams of different ranks and workers are disjoint
   and differ in size by at most one example, however many shards there are. Every epoch a consumer
   reads the shards overlapping its range in a fresh seeded order through a seeded shuffle buffer that

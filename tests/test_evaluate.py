@@ -98,3 +98,34 @@ def test_bad_checkpoint_and_output(checkpoint, tmp_path):
     assert proc.returncode == 2 and "--out" in proc.stderr
     proc = evaluate(ckpt, "--out", str(tmp_path / "m.txt"))
     assert proc.returncode == 2 and ".json" in proc.stderr
+
+
+def test_posterior_rule_averages_softmax_over_q(checkpoint, digits_shards, tmp_path):
+    import torch
+
+    sys.path.insert(0, str(REPO / "launch"))
+    import evaluate as E
+
+    ckpt, _ = checkpoint
+    model = E.api.load(ckpt, allow_pickle=True).net
+    x = torch.cat([b["x"] for b in E.data.eval_batches(digits_shards, "val", batch_size=64)])[:32]
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+        exact = torch.log_softmax(model.prior(mu), dim=-1)
+        rule = E.posterior_logits(model, samples=200)
+        proba = rule(x).exp()
+        assert torch.allclose(proba.sum(-1), torch.ones(32), atol=1e-5)
+        by_hand = torch.stack([torch.softmax(model.prior(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)), -1)
+                               for _ in range(2000)]).mean(0)
+        assert (proba - by_hand).abs().max() < 0.05  # a Monte Carlo estimate of the same expectation
+        class Collapsed(torch.nn.Module):  # q(z|x) collapsed on mu: the rule is f(mu) again
+            def forward(self, x_):
+                return mu, torch.full_like(logvar, -30.0)
+
+        model.encoder = Collapsed()
+        assert torch.allclose(E.posterior_logits(model, samples=4)(x), exact, atol=1e-5)
+    proc = evaluate(ckpt, "--split", "val", "--samples", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["rule"] == "posterior mean over 16 samples"
+    bad = evaluate(ckpt, "--samples", "-1")
+    assert bad.returncode == 2 and "--samples" in bad.stderr

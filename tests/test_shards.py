@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from shard_files import (
     SHARED, ag_news_rows, balanced_labels, images, jpeg_npz, read_split, standardised, tabular_npz, tar_gz,
@@ -152,10 +153,10 @@ def test_ag_news_single_csv_gz_is_its_own_task(tmp_path):
 def test_miniboone_balanced_by_truncation(tmp_path):
     x = write_miniboone(tmp_path / "MiniBooNE_PID.txt", n_signal=40, n_background=70)
     url = str(tmp_path / "shards")
-    m = build("miniboone", url, str(tmp_path), progress=False)
+    m = build("miniboone", url, str(tmp_path), num_val=6, progress=False)  # the protocol's 678 is for the real file
     y = np.r_[np.zeros(40, np.int64), np.ones(70, np.int64)]
     check_vectors(url, {"all": (x, y)})
-    check_protocol(m, labelled=20, val=6, test=16, unlabelled=80 - 16 - 6 - 20)  # 20 labels, 10 per class
+    check_protocol(m, labelled=20, val=6, test=8, unlabelled=80 - 8 - 6 - 20)  # 20 labels, 10 per class, 10% test
     rows = [r for s in SPLITS for r in m["split_indices"][s]]
     assert sorted(rows) == list(range(40)) + list(range(40, 80))  # background cut to the first 40 rows
     assert m["protocol"]["balanced_by_truncation"] == {"all": 80}
@@ -164,7 +165,7 @@ def test_miniboone_balanced_by_truncation(tmp_path):
 def test_hepmass_csv_round_trip(tmp_path):
     parts = write_hepmass(tmp_path)
     url = str(tmp_path / "shards")
-    m = build("hepmass", url, str(tmp_path), progress=False)
+    m = build("hepmass", url, str(tmp_path), num_val=8, progress=False)  # the protocol's 14,000 is for the real file
     check_vectors(url, parts)
     check_protocol(m, labelled=20, val=8, test=40, unlabelled=52)
     assert m["x_shape"] == [28]
@@ -177,7 +178,14 @@ def test_protein_target_binned_into_equal_frequency_classes(tmp_path):
     edges = np.array(m["protocol"]["target_bins"]["edges"])
     y = np.searchsorted(edges, data[:, 0], side="right")
     check_vectors(url, {"all": (data[:, 1:], y)})
-    check_protocol(m, labelled=100, val=40, test=100)
+    check_protocol(m, labelled=100, val=45, test=50, unlabelled=305)  # 10% test, 10% validation
+    # the validation rows feed the unlabelled stream too (the paper's unlabelled = all but test and labelled)
+    assert m["unlabelled_stream"] == ["unlabelled", "val", "labelled"]
+    from ssl_ebm.data import eval_batches, train_batches
+    x_u = next(train_batches(url, batch_unlabelled=450, batch_labelled=10, seed=0, shuffle_buffer=1))["x_u"]
+    x_val = torch.cat([b["x"] for b in eval_batches(url, "val", batch_size=100)])
+    seen = {tuple(r) for r in x_u.numpy().round(5).tolist()}
+    assert len(seen) == 450 and all(tuple(r) in seen for r in x_val.numpy().round(5).tolist())
     pool = np.add(m["splits"]["labelled"]["class_counts"], m["splits"]["unlabelled"]["class_counts"])
     assert m["num_classes"] == 10 and pool.max() - pool.min() <= 1  # equal-frequency bins of the training pool
 
@@ -351,7 +359,7 @@ def _fake(kind: str, sizes: dict, k: int, seed: int = 0, **kw) -> sources.Source
     ("svhn", {"train": 73_257, "test": 26_032}, 10, (1000, 64_932, 7325, 26_032)),
     ("cifar10", {"train": 50_000, "test": 10_000}, 10, (4000, 41_000, 5000, 10_000)),
     ("ag_news", {"train": 120_000, "test": 7600}, 4, (200, 114_800, 5000, 7600)),
-    ("hepmass", {"train": 70_000, "test": 35_000}, 2, (20, 62_980, 7000, 35_000)),
+    ("hepmass", {"train": 7_000_000, "test": 3_500_000}, 2, (20, 140_000, 14_000, 3_500_000)),  # the paper's 140,000
 ])
 def test_paper_protocols_at_full_size(dataset, sizes, k, expect):
     src = _fake("image" if dataset in ("svhn", "cifar10") else "vector", sizes, k)
@@ -372,6 +380,8 @@ def test_miniboone_and_protein_protocols_at_full_size():
     rows = np.concatenate([r for _, r in plan.splits.values()])
     assert len(rows) == 2 * 36_499 and np.bincount(y[rows]).tolist() == [36_499, 36_499]
     assert np.bincount(y[plan.splits["labelled"][1]]).tolist() == [10, 10]
+    counts = {s: len(r) for s, (_, r) in plan.splits.items()}
+    assert counts == {"labelled": 20, "unlabelled": 65_000, "val": 678, "test": 7300}  # the paper's 65,000
     target = np.random.default_rng(0).gamma(2.0, 3.0, size=45_730)
     src = sources.Source("vector", {"all": np.zeros((45_730, 9), np.float32)}, {"all": np.zeros(0, np.int64)}, [],
                          ["fake"], target={"all": target}, target_name="RMSD")
@@ -379,6 +389,10 @@ def test_miniboone_and_protein_protocols_at_full_size():
     pool = np.concatenate([plan.splits["labelled"][1], plan.splits["unlabelled"][1]])
     assert np.ptp(np.bincount(plan.y["all"][pool], minlength=10)) <= 1  # 10 equal-frequency classes
     assert np.bincount(plan.y["all"][plan.splits["labelled"][1]]).tolist() == [10] * 10
+    # the paper's 100 labelled / 41,057 unlabelled: everything but the 10% test part, validation rows included
+    counts = {s: len(r) for s, (_, r) in plan.splits.items()}
+    assert counts == {"labelled": 100, "unlabelled": 36_941, "val": 4116, "test": 4573}
+    assert counts["unlabelled"] + counts["val"] == 41_057 and plan.protocol["val_in_unlabelled"]
 
 
 # ----------------------------------------------------------------------------- the real ../shared/data sets
