@@ -117,14 +117,14 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         url = make.ensure(cfg.data)
     manifest = data.read_manifest(url)
     cfg = fill_from_manifest(replace(cfg, data=replace(cfg.data, shards=url)), raw, manifest)
-    if acc.is_main_process:
-        logs.write_text(f"{out_dir}/config.yaml", C.dump_config(cfg))
 
     image_data = len(cfg.model.x_shape) == 3
     fmt = torch.channels_last if acc.device.type == "cuda" and image_data and cfg.train.channels_last \
         else torch.contiguous_format
     state = TrainingState.create(cfg, acc, memory_format=fmt)  # identical initial weights on every rank
     start_or_resume(state, store, cfg.train.resume)  # a new run id, or resume (its own checkpoints, live timeline)
+    if acc.is_main_process:  # after the checks above: a refused run overwrites nothing
+        logs.write_text(f"{out_dir}/config.yaml", C.dump_config(cfg))
     start = state.counters["step"]
     jsonl = logs.JsonlLog(f"{out_dir}/log.jsonl") if acc.is_main_process else None
     if jsonl is not None:

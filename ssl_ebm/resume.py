@@ -57,7 +57,8 @@ def start_or_resume(state, store: CheckpointStore, resume: str) -> None:
     if meta_world != acc.num_processes:
         state.counters["data_offset"] = elastic_data_offset(step, state.counters.get("data_offset", 0),
                                                             meta_world, acc.num_processes)
-        acc.print(f"resumed {name} saved by {meta_world} processes on {acc.num_processes}: {state.elastic}, "
+        acc.print(f"resumed {name} saved by {meta_world} process{'es' if meta_world > 1 else ''} on "
+                  f"{acc.num_processes}: {state.elastic}, "
                   f"data position batch {step + state.counters['data_offset']} of the {acc.num_processes}-process "
                   "stream (the same epoch and point in it; other examples than the old ranks would have read), "
                   "RNG reseeded from train.seed, rank and step")
