@@ -70,8 +70,10 @@ def refuse_occupied(store: CheckpointStore, resume: str) -> None:
     if not held:
         return
     shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-    why = "train.resume=never" if resume == "never" else "there is no step checkpoint to resume from, and"
-    raise CheckpointError(f"{why} {store.url} already holds checkpoints of another run ({shown}); {FIX}")
+    if resume == "never":
+        raise CheckpointError(f"train.resume=never {store.url} already holds checkpoints of another run ({shown}); {FIX}")
+    raise CheckpointError(f"{store.url} holds checkpoints ({shown}) but no step checkpoint to resume from; "
+                          "use another train.checkpoint_dir (or train.out_dir), or delete those checkpoints")
 
 
 def refuse_foreign(store: CheckpointStore, run_id: str | None) -> None:
@@ -80,7 +82,8 @@ def refuse_foreign(store: CheckpointStore, run_id: str | None) -> None:
     foreign = [name for kind, name in held if store.read_json(name, "meta.json").get("run_id") != run_id]
     if foreign:
         raise CheckpointError(f"{store.url} holds checkpoints of another run ({', '.join(foreign[:4])}) beside "
-                              f"those of the run being resumed; move them away, or {FIX.split(', or ')[0]}")
+                              "those of the run being resumed; move or delete them, so that the two runs' best "
+                              "checkpoints cannot be mixed")
 
 
 def drop_dead_timeline(acc, store: CheckpointStore, step: int) -> list[str]:
