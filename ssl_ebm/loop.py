@@ -147,8 +147,9 @@ def finish(run: Run, manifest: dict, t_start: float) -> dict:
     results = {"dataset": manifest.get("dataset", ""), "method": cfg.train.method, "steps": cfg.train.steps,
                "best_step": counters["best_step"], "val_accuracy": counters["best_val"],
                "nan_skips": counters["nan_skips"], "recoveries": counters.get("recoveries", 0),
-               "stopped_at": counters.get("stopped_at"), "tested_checkpoint": best, "seconds": round(time.time() - t_start, 1),
-               "processes": acc.num_processes, "rank_param_checksums": checksums}
+               "stopped_at": counters.get("stopped_at"), "tested_checkpoint": best,
+               "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes,
+               "rank_param_checksums": checksums}
     if manifest["splits"].get("test", {}).get("count", 0):
         results["test"] = run_eval(run, "test")
     if acc.is_main_process:

@@ -71,7 +71,8 @@ def refuse_occupied(store: CheckpointStore, resume: str) -> None:
         return
     shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
     if resume == "never":
-        raise CheckpointError(f"train.resume=never {store.url} already holds checkpoints of another run ({shown}); {FIX}")
+        raise CheckpointError(f"train.resume=never {store.url} already holds checkpoints of another run "
+                              f"({shown}); {FIX}")
     raise CheckpointError(f"{store.url} holds checkpoints ({shown}) but no step checkpoint to resume from; "
                           "use another train.checkpoint_dir (or train.out_dir), or delete those checkpoints")
 
@@ -103,7 +104,8 @@ def check_model_config(store: CheckpointStore, name: str, cfg: C.Config) -> None
         return
     saved = (yaml.safe_load(store.read_text(name, "config.yaml")) or {}).get("model", {})
     here = yaml.safe_load(C.dump_config(cfg))["model"]
-    differ = [f"model.{k}: {saved[k]} there, {here[k]} here" for k in sorted(here) if k in saved and saved[k] != here[k]]
+    differ = [f"model.{k}: {saved[k]} there, {here[k]} here"
+              for k in sorted(here) if k in saved and saved[k] != here[k]]
     if differ:
         raise CheckpointError(f"checkpoint {store.url_of(name)} was trained with another model config "
                               f"({'; '.join(differ)}); resume with the same model.* values, or start a new run "
@@ -147,7 +149,8 @@ def load_pooled_rank_state(state, store: CheckpointStore, name: str, saved_world
         return f"no chains saved, {len(bank)} per rank fresh from p0"
     if banks[0].shape[-1] != bank.z.shape[-1]:
         raise C.ConfigError(f"model.z_dim: the saved chains of {store.url_of(name)} have {banks[0].shape[-1]} "
-                            f"dimensions, this run {bank.z.shape[-1]}; use the saved run's value or start without resuming")
+                            f"dimensions, this run {bank.z.shape[-1]}; use the saved run's value or start without "
+                            "resuming")
     share, size = pool_chains(banks, acc.process_index, acc.num_processes), len(bank)
     kept = share[:size].to(bank.device, bank.z.dtype)
     bank.z = torch.cat([kept, bank.sample_p0(size - len(kept))]) if len(kept) < size else kept.clone()
