@@ -19,12 +19,13 @@ import torch
 from shards import make
 from ssl_ebm import config as C
 from ssl_ebm import data, health, logs, runtime
-from ssl_ebm.checkpoint import CheckpointError, CheckpointStore, resolve_resume
+from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.loop import (Preempted, Run, checkpoint, due, evaluate_and_keep_best, finish, log_step, preempt,
                           save_images)
+from ssl_ebm.resume import start_or_resume
 from ssl_ebm.state import TrainingState
 
 
@@ -116,17 +117,14 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         url = make.ensure(cfg.data)
     manifest = data.read_manifest(url)
     cfg = fill_from_manifest(replace(cfg, data=replace(cfg.data, shards=url)), raw, manifest)
-    if acc.is_main_process:
-        logs.write_text(f"{out_dir}/config.yaml", C.dump_config(cfg))
 
     image_data = len(cfg.model.x_shape) == 3
     fmt = torch.channels_last if acc.device.type == "cuda" and image_data and cfg.train.channels_last \
         else torch.contiguous_format
     state = TrainingState.create(cfg, acc, memory_format=fmt)  # identical initial weights on every rank
-    found = resolve_resume(store, cfg.train.resume)
-    if found is not None:
-        state.resume(*found)
-        acc.print(f"resumed from {found[0].url_of(found[1])} at step {state.counters['step']}")
+    start_or_resume(state, store, cfg.train.resume)  # a new run id, or resume (its own checkpoints, live timeline)
+    if acc.is_main_process:  # after the checks above: a refused run overwrites nothing
+        logs.write_text(f"{out_dir}/config.yaml", C.dump_config(cfg))
     start = state.counters["step"]
     jsonl = logs.JsonlLog(f"{out_dir}/log.jsonl") if acc.is_main_process else None
     if jsonl is not None:
@@ -141,7 +139,8 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
     stream = data.train_batches(
         url, batch_unlabelled=cfg.data.batch_unlabelled if run.ebm else 0, batch_labelled=cfg.data.batch_labelled,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
-        num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, start_step=start)
+        num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        start_step=start + state.counters.get("data_offset", 0))  # moved by a resume on another process count
     val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
 

@@ -97,6 +97,14 @@ class CheckpointStore:
                 out.append((int(m.group(2)), name))
         return sorted(out)
 
+    def entries(self) -> list[tuple[str, int, str]]:
+        """(kind, step, name) of every checkpoint directory, complete or not, oldest step first."""
+        if not self.fs.exists(self.root):
+            return []
+        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in self.fs.ls(self.root, detail=False)]
+        found = [(m.group(1), int(m.group(2)), name) for name in names if (m := _STEP_RE.match(name))]
+        return sorted(found, key=lambda e: (e[1], e[0]))
+
     def latest(self, kind: str = "step") -> str | None:
         found = self.complete(kind)
         return found[-1][1] if found else None
@@ -110,6 +118,10 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint file {self.url_of(name)}/{filename} is missing; "
                                   "the checkpoint is damaged: delete it or resume from another") from None
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+    def read_text(self, name: str, filename: str) -> str:
+        with self.fs.open(self._path(name, filename), "rb") as f:
+            return f.read().decode()
 
     def read_json(self, name: str, filename: str):
         with self.fs.open(self._path(name, filename), "rb") as f:

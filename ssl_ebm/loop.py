@@ -22,6 +22,7 @@ from ssl_ebm import data, health, logs, runtime
 from ssl_ebm.checkpoint import CheckpointStore
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.metrics import evaluate
+from ssl_ebm.resume import best_checkpoint
 from ssl_ebm.state import TrainingState
 
 
@@ -139,15 +140,16 @@ def finish(run: Run, manifest: dict, t_start: float) -> dict:
     with runtime.full_params(acc, net):  # a cheap check that every rank ends with the same weights
         checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
     checksums = runtime.gather(acc, checksum.to(acc.device)).tolist()
-    best = run.store.latest("best")
+    best = best_checkpoint(run.state, run.store)  # this run's, of the live timeline
     if best is not None:
         with runtime.full_params(acc, net, modify=True):  # ZeRO-3: load into the gathered parameters
             net.load_state_dict(run.store.read_torch(best, "model.pt"))
     results = {"dataset": manifest.get("dataset", ""), "method": cfg.train.method, "steps": cfg.train.steps,
                "best_step": counters["best_step"], "val_accuracy": counters["best_val"],
                "nan_skips": counters["nan_skips"], "recoveries": counters.get("recoveries", 0),
-               "stopped_at": counters.get("stopped_at"), "seconds": round(time.time() - t_start, 1),
-               "processes": acc.num_processes, "rank_param_checksums": checksums}
+               "stopped_at": counters.get("stopped_at"), "tested_checkpoint": best,
+               "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes,
+               "rank_param_checksums": checksums}
     if manifest["splits"].get("test", {}).get("count", 0):
         results["test"] = run_eval(run, "test")
     if acc.is_main_process:

@@ -187,6 +187,15 @@ def gather(accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.gather(tensor.contiguous())
 
 
+def broadcast_object(accelerator, obj):
+    """The main process's `obj` (picklable) on every process; a collective when several run."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` in place over every process (a collective when several run); returns it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -33,6 +33,7 @@ from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import ChainBank
 from ssl_ebm.model import LatentEBM
+from ssl_ebm.resume import check_model_config, load_pooled_rank_state, prune_best
 
 ENGINE_DIR = "deepspeed"  # the DeepSpeed engine's own files, inside a checkpoint directory
 ENGINE_TAG = "state"  # the tag the engine files them under
@@ -67,6 +68,7 @@ class TrainingState:
     bank: ChainBank | None
     cfg: C.Config
     counters: dict = field(default_factory=new_counters)
+    elastic: str | None = None  # what the last load did with chains saved by another process count
 
     @classmethod
     def create(cls, cfg: C.Config, acc, memory_format=torch.contiguous_format) -> "TrainingState":
@@ -114,7 +116,10 @@ class TrainingState:
             meta = {**self.counters, "step": step, **extra}
             store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes, "zero_stage": stage})
             store.mark_complete(name)
-            store.prune(kind, self.cfg.train.keep_last if kind == "step" else 1)
+            if kind == "step":
+                store.prune(kind, self.cfg.train.keep_last)
+            else:
+                prune_best(store)
         acc.wait_for_everyone()
         return name
 
@@ -122,13 +127,10 @@ class TrainingState:
         """Restore what `save` wrote into this state (the counters excepted); returns the saved meta."""
         acc = self.acc
         meta = store.read_json(name, "meta.json")
+        check_model_config(store, name, self.cfg)
         saved, here = (meta.get("zero_stage", 0), meta["world_size"]), (runtime.zero_stage(acc), acc.num_processes)
         if (saved[0] or here[0]) and saved != here:
-            raise CheckpointError(
-                f"{store.url_of(name)} was saved by {saved[1]} process(es) with {_describe(saved[0])}; this run "
-                f"has {here[1]} with {_describe(here[0])}. DeepSpeed's sharded optimizer state resumes only as it "
-                "was saved: launch with the same accelerate config and process count, or start a new run with "
-                "train.resume=never (and train.checkpoint_dir elsewhere)")
+            raise CheckpointError(_zero_refusal(store.url_of(name), saved, here))
         opt = store.read_torch(name, "optimizer.pt")
         if here[0]:
             self._load_engine(store, name)
@@ -139,7 +141,7 @@ class TrainingState:
             self.net.load_state_dict(store.read_torch(name, "model.pt"))
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
-        self._load_rank_state(store, name, meta["world_size"])
+        self._load_rank_state(store, name, meta["world_size"], meta["step"])
         return meta
 
     def resume(self, store: CheckpointStore, name: str) -> int:
@@ -160,17 +162,17 @@ class TrainingState:
             self.bank.reinit(1.0)
         return saved
 
-    def _load_rank_state(self, store: CheckpointStore, name: str, world_size: int) -> None:
-        """This rank's chains and RNG states; with a different process count they start fresh."""
-        acc, file = self.acc, rank_file(self.acc.process_index)
-        if store.exists(name, file) and world_size == acc.num_processes:
-            state = store.read_torch(name, file)
-            if self.bank is not None and state["bank"] is not None:
-                self.bank.load_state_dict(state["bank"])
-            runtime.RngState.from_dict(state["rng"]).restore()
-        else:
-            acc.print(f"note: {store.url_of(name)} was saved by {world_size} processes, this run has "
-                      f"{acc.num_processes}: weights and optimizer resume, chains and RNG start fresh")
+    def _load_rank_state(self, store: CheckpointStore, name: str, world_size: int, step: int) -> None:
+        """This rank's chains and RNG states; saved by another process count (DDP), every old rank's chains
+        pooled and split, the RNGs reseeded (resume.load_pooled_rank_state)."""
+        self.elastic = None
+        if world_size != self.acc.num_processes:
+            self.elastic = load_pooled_rank_state(self, store, name, world_size, step)
+            return
+        state = store.read_torch(name, rank_file(self.acc.process_index))
+        if self.bank is not None and state["bank"] is not None:
+            self.bank.load_state_dict(state["bank"])
+        runtime.RngState.from_dict(state["rng"]).restore()
 
     def _full_state_dict(self) -> dict | None:
         """The full weights on the main process (None elsewhere); under ZeRO-3 a collective gather."""
@@ -224,6 +226,19 @@ class TrainingState:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
+
+
+def _zero_refusal(url: str, saved: tuple[int, int], here: tuple[int, int]) -> str:
+    """Why a ZeRO checkpoint cannot resume here, and what to do (convert, when only the count differs)."""
+    msg = (f"{url} was saved by {saved[1]} process(es) with {_describe(saved[0])}; this run has {here[1]} with "
+           f"{_describe(here[0])}. DeepSpeed's sharded optimizer state resumes only as it was saved: launch with "
+           "the same accelerate config and process count")
+    if saved[0] == here[0]:
+        msg += (f"; or convert it to DeepSpeed's universal format (python -m deepspeed.checkpoint.ds_to_universal "
+                f"--input_folder <a local copy of {url}/{ENGINE_DIR}>/{ENGINE_TAG} --output_folder DIR), which "
+                "DeepSpeed loads on any process count with its checkpoint.load_universal setting, but this "
+                "training script does not read universal checkpoints")
+    return msg + "; or start a new run with train.resume=never (and train.checkpoint_dir elsewhere)"
 
 
 def _describe(stage: int) -> str:

@@ -216,5 +216,8 @@ def test_zero_checkpoint_resumes_only_as_it_was_saved(tmp_path, saved, here):
     plugin = types.SimpleNamespace(zero_stage=here[0]) if here[0] else None
     acc = types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin), num_processes=here[1],
                                 process_index=0)
-    with pytest.raises(CheckpointError, match="resumes only as it was saved.*train.resume=never"):
+    with pytest.raises(CheckpointError, match="resumes only as it was saved.*train.resume=never") as refused:
         TrainingState(acc, None, None, None, None, cfg=None).load(store, "step-000010")
+    # Only the process count differs: the message says how to convert (DeepSpeed's universal checkpoint).
+    converts = "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in str(refused.value)
+    assert converts == (saved[0] == here[0]), str(refused.value)

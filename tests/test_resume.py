@@ -1,0 +1,209 @@
+"""ssl_ebm/resume.py: run ids keep runs apart, a resume drops the dead timeline, a checkpoint of another model
+config is one line, and a DDP checkpoint resumes on another process count (real `accelerate launch`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_train
+from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
+from ssl_ebm.resume import elastic_data_offset, pool_chains, prune_best, refuse_foreign
+
+DIGITS = str(REPO / "configs" / "digits.yaml")
+
+
+def tiny(shards: str, out: Path | str, *extra: str) -> list[str]:
+    return ["--config", DIGITS, *TINY, f"data.shards={shards}", f"train.out_dir={out}", *extra]
+
+
+def one_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+def bank(ckpt: Path, name: str, rank: int) -> torch.Tensor:
+    return torch.load(ckpt / name / f"rank-{rank:05d}.pt", weights_only=False)["bank"]["z"]
+
+
+def finite_metrics(out: Path, processes: int) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["processes"] == processes and math.isfinite(metrics["test"]["accuracy"])
+    for r in (json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()):
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float)), r
+    return metrics
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_pooled_chains_interleave_every_old_rank_and_split_without_overlap():
+    banks = [torch.full((4, 2), float(r)) + torch.arange(4.0)[:, None] * 10 for r in range(2)]  # rank r, chain i
+    one = pool_chains(banks, 0, 1)
+    assert one[:, 0].tolist() == [0, 1, 10, 11, 20, 21, 30, 31]  # chain 0 of ranks 0, 1, then chain 1, ...
+    shares = [pool_chains(banks, r, 3) for r in range(3)]
+    assert sorted(torch.cat(shares)[:, 0].tolist()) == sorted(one[:, 0].tolist())
+    assert [len(s) for s in shares] == [3, 3, 2]
+
+
+def test_elastic_data_offset_keeps_the_epoch_position():
+    # 2 ranks read 10 batches each = 20 rank-batches; on 1 rank that is batch 20, on 4 ranks batch 5.
+    assert 10 + elastic_data_offset(10, 0, 2, 1) == 20
+    assert 10 + elastic_data_offset(10, 0, 2, 4) == 5
+    assert 30 + elastic_data_offset(30, 10, 2, 1) == 80  # batch 40 of the 2-rank stream: an offset carries over
+
+
+def _save(store: CheckpointStore, kind: str, step: int, **meta) -> str:
+    name = store.dir_name(kind, step)
+    store.write_json(name, "meta.json", {"step": step, **meta})
+    store.mark_complete(name)
+    return name
+
+
+def test_prune_best_keeps_the_best_the_newest_step_checkpoint_refers_to(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    for step in (5, 10):
+        _save(store, "best", step)
+    _save(store, "step", 10, best_step=10)
+    _save(store, "best", 15)
+    prune_best(store)  # step-10 refers to best-10: a resume from it needs best-10, not only the newest
+    assert [n for _, n in store.complete("best")] == ["best-000010", "best-000015"]
+
+
+def test_checkpoints_of_another_run_beside_the_resumed_ones_are_refused(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _save(store, "step", 10, run_id="aaaa")
+    _save(store, "best", 30, run_id="bbbb")
+    with pytest.raises(CheckpointError, match=r"holds checkpoints of another run \(best-000030\)"):
+        refuse_foreign(store, "aaaa")
+
+
+# ----------------------------------------------------------------------------- end to end, one process
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_train(tiny(digits_shards, out, "train.steps=10"))
+    return out
+
+
+def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(digits_shards, finished_run, tmp_path):
+    ckpt = finished_run / "checkpoints"
+    before = sorted(p.name for p in ckpt.iterdir())
+    proc = run_train(tiny(digits_shards, tmp_path / "other", "train.steps=10", "train.resume=never",
+                          f"train.checkpoint_dir={ckpt}"), check=False)
+    line = one_error(proc)
+    assert line == (f"error: train.resume=never {ckpt} already holds checkpoints of another run (step-000000, "
+                    "step-000010, best-000010); use another train.checkpoint_dir (or train.out_dir), delete those "
+                    "checkpoints, or set train.resume=auto to continue that run"), line
+    assert sorted(p.name for p in ckpt.iterdir()) == before, "nothing already written is touched"
+    assert not (tmp_path / "other" / "config.yaml").exists()
+
+
+def test_a_checkpoint_of_another_model_config_is_one_line(digits_shards, finished_run, tmp_path):
+    ckpt = finished_run / "checkpoints"
+    proc = run_train(tiny(digits_shards, tmp_path / "other", "train.steps=20", "model.z_dim=16",
+                          f"train.checkpoint_dir={ckpt}"), check=False)
+    line = one_error(proc)
+    assert line == (f"error: checkpoint {ckpt}/step-000010 was trained with another model config (model.z_dim: 8 "
+                    "there, 16 here); resume with the same model.* values, or start a new run with "
+                    "train.resume=never and another train.checkpoint_dir"), line
+
+
+@pytest.mark.slow
+def test_resume_drops_the_dead_timeline_and_tests_the_live_best(digits_shards, tmp_path):
+    """Killed (kill -9) after a best-N beyond its last step checkpoint S; resumed with train.steps=S+1, the
+    dead best-N (N > S+1) is removed and the teardown tests the live timeline's best, not the higher-numbered
+    dead one that the newest best-* would be."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoints"
+    args = ["train.steps=80", "train.checkpoint_every=20", "train.eval_every=5"]
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, *args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+
+    def dead_best() -> bool:
+        return any(p.name.startswith("best-") and int(p.name[5:]) > 20 and int(p.name[5:]) % 20
+                   and (p / "COMPLETE").exists() for p in ckpt.glob("best-*"))
+
+    while not dead_best():
+        assert proc.poll() is None, "the run ended before a best-N beyond a step checkpoint was written"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = CheckpointStore(str(ckpt))
+    last_step = store.complete("step")[-1][0]
+    dead = [name for s, name in store.complete("best") if s > last_step + 1]
+    assert dead, "killed too late to test anything"
+
+    resumed = run_train(tiny(digits_shards, out, *args[1:], f"train.steps={last_step + 1}"))
+    assert f"removed the abandoned timeline after step {last_step}: " in resumed.stdout
+    assert all(not (ckpt / name).exists() for name in dead)
+    metrics = finite_metrics(out, 1)
+    assert metrics["best_step"] <= last_step + 1
+    assert metrics["tested_checkpoint"] == f"best-{metrics['best_step']:06d}"
+    run_id = json.loads((ckpt / f"step-{last_step + 1:06d}" / "meta.json").read_text())["run_id"]
+    assert json.loads((ckpt / metrics["tested_checkpoint"] / "meta.json").read_text())["run_id"] == run_id
+
+
+# ----------------------------------------------------------------------------- elastic resume
+
+
+ELASTIC = ["train.steps=14", "train.checkpoint_every=1", "train.keep_last=4", "train.eval_every=0", "train.log_every=1"]
+
+
+def _elastic(digits_shards, tmp_path, before: int, after: int) -> tuple[Path, subprocess.CompletedProcess, list]:
+    """`before` processes train to step 10, `after` processes resume from there to step 14; the banks saved
+    at step 10 by each old rank."""
+    out = tmp_path / "run"
+    run_train(tiny(digits_shards, out, "train.steps=10", "train.checkpoint_every=10"), nproc=before)
+    saved = [bank(out / "checkpoints", "step-000010", r) for r in range(before)]
+    proc = run_train(tiny(digits_shards, out, *ELASTIC), nproc=after)
+    return out, proc, saved
+
+
+def _check_pooled(ckpt: Path, saved: list, after: int) -> None:
+    """After one step on the new ranks, each bank still holds its pooled share: only the 64 chains that step
+    drew (sampler.num_chains = data.batch_unlabelled) have moved."""
+    for rank in range(after):
+        share = pool_chains(saved, rank, after)[:500]
+        now = bank(ckpt, "step-000011", rank)
+        assert now.shape == (500, 8)
+        same = (now[:len(share)] == share).all(dim=1).sum().item()
+        assert same >= len(share) - 64, (rank, same, len(share))
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_one(digits_shards, tmp_path):
+    out, proc, saved = _elastic(digits_shards, tmp_path, 2, 1)
+    assert ("resumed step-000010 saved by 2 processes on 1: pooled 1000 chains -> 500 per rank (the first 500 of "
+            "each rank's share of 1000), data position batch 20 of the 1-process stream") in proc.stdout
+    assert "RNG reseeded" in proc.stdout
+    _check_pooled(out / "checkpoints", saved, 1)
+    finite_metrics(out, 1)
+
+
+@pytest.mark.slow
+def test_one_process_resumes_on_two(digits_shards, tmp_path):
+    out, proc, saved = _elastic(digits_shards, tmp_path, 1, 2)
+    assert ("resumed step-000010 saved by 1 process on 2: pooled 500 chains -> 250 per rank, filled to 500 "
+            "from p0, data position batch 5 of the 2-process stream") in proc.stdout
+    _check_pooled(out / "checkpoints", saved, 2)
+    metrics = finite_metrics(out, 2)
+    a, b = metrics["rank_param_checksums"]
+    assert a == b, "ranks ended with different parameters"
