@@ -10,6 +10,10 @@ Layout under the checkpoint URL:
 `model.pt` always holds the full weights (gathered under ZeRO-3), so evaluation and `load_weights`
 never need DeepSpeed. A save killed halfway leaves a directory without COMPLETE, so it never looks complete, and the
 previous checkpoint stays loadable. Only directories older than the newest complete one are pruned.
+
+The marker goes first and comes last: a save into a directory that exists (a best-N written again, a save
+repeated after a resume) deletes its COMPLETE before the first file is replaced, and a delete removes COMPLETE
+before anything else, so a directory is complete only while every file in it is the one its save wrote.
 """
 
 from __future__ import annotations
@@ -68,7 +72,21 @@ class CheckpointStore:
                 "set train.checkpoint_dir (or train.out_dir) to a location you can write") from None
 
     # ------------------------------------------------------------------ writing
+    def _unmark(self, name: str) -> None:
+        """Delete `name`'s COMPLETE if it has one. Before every file written into a directory (by any process:
+        each writes its own files, all before the marker), so that it never looks complete while its files
+        are replaced; one existence check per file, small beside the file itself."""
+        marker = self._path(name, MARKER)
+        self.fs.invalidate_cache(self._path(name))  # s3fs lists from a cache that other processes do not see
+        try:
+            if self.fs.exists(marker):
+                self.fs.rm(marker)
+        except FileNotFoundError:  # another process removed it first
+            pass
+
     def write_bytes(self, name: str, filename: str, data: bytes) -> None:
+        if filename != MARKER:
+            self._unmark(name)
         self.fs.makedirs(self._path(name), exist_ok=True)
         with self.fs.open(self._path(name, filename), "wb") as f:
             f.write(data)
@@ -82,6 +100,7 @@ class CheckpointStore:
         self.write_bytes(name, filename, json.dumps(obj, indent=2).encode())
 
     def mark_complete(self, name: str) -> None:
+        """Written last, by one process, after every process's files are in place."""
         self.write_bytes(name, MARKER, b"")
 
     # ------------------------------------------------------------------ reading
@@ -133,6 +152,7 @@ class CheckpointStore:
     # ------------------------------------------------------------------ whole files (large engine shards)
     def upload(self, local: str, name: str, filename: str) -> None:
         """Copy the local file `local` to `<name>/<filename>` (filename may contain '/')."""
+        self._unmark(name)
         target = self._path(name, filename)
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         self.fs.put_file(local, target)
@@ -156,9 +176,13 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ removing
     def remove(self, names: list[str]) -> None:
-        """Delete the checkpoint directories `names`, whole."""
+        """Delete the checkpoint directories `names`, whole: each one's COMPLETE first, so that a delete cut
+        short leaves a directory that no longer looks complete (and is pruned later), never a complete one
+        with files missing."""
         for name in names:
-            self.fs.rm(self._path(name), recursive=True)
+            self._unmark(name)
+            if self.fs.exists(self._path(name)):
+                self.fs.rm(self._path(name), recursive=True)
 
     def prune(self, kind: str, keep: int) -> None:
         """Keep the newest `keep` complete checkpoints of `kind`; drop older ones and dead partial saves."""

@@ -72,3 +72,36 @@ def test_unwritable_location_detected(tmp_path):
             store.check_writable()
     finally:
         ro.chmod(0o700)
+
+
+def test_a_save_over_a_complete_directory_unmarks_it_before_the_first_file(store):
+    """A save cut short after replacing one file of an existing complete checkpoint (a best-N written again,
+    a save repeated after a resume) must not leave a directory that looks complete with mixed files."""
+    name = _save(store, 10, 1)
+    store.write_torch(name, "model.pt", {"w": torch.full((3,), 2.0)})  # the save stops here
+    assert store.complete() == [], "a directory whose files are being replaced must not look complete"
+    store.write_json(name, "meta.json", {"step": 10})
+    store.mark_complete(name)
+    assert store.latest() == name and store.read_torch(name, "model.pt")["w"][0] == 2
+
+
+def test_a_delete_cut_short_leaves_no_complete_directory(store, monkeypatch):
+    """remove (and so prune and the watchdog's roll-back) deletes COMPLETE first: a delete interrupted after
+    that leaves a partial directory, never a complete one with files missing."""
+    keep, doomed = _save(store, 10, 1), _save(store, 20, 2)
+    real_rm = store.fs.rm
+
+    def cut_short(path, recursive=False, **kw):
+        if recursive:
+            raise KeyboardInterrupt("killed mid-delete")
+        return real_rm(path, recursive=recursive, **kw)
+
+    monkeypatch.setattr(store.fs, "rm", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        store.remove([doomed])
+    monkeypatch.setattr(store.fs, "rm", real_rm)
+    assert store.exists(doomed, "model.pt"), "the delete was cut short"
+    assert store.latest() == keep and resolve_resume(store, "auto")[1] == keep
+    _save(store, 30, 3)
+    store.prune("step", keep=2)
+    assert not store.exists(doomed, "model.pt"), "the half-deleted directory is pruned like a partial save"
