@@ -213,7 +213,7 @@ def test_grad_accum_stop_signal_finishes_the_window_then_resumes_identically(dig
     """SIGTERM in micro-batch 15, the first of update 8: update 8 is finished, step-000008 written, status 75;
     the resumed run ends as the uninterrupted one."""
     out = tmp_path / "stopped"
-    script = REPO / "tests" / "scripts" / "train_with_signal.py"
+    script = REPO / "tests" / "scripts" / "train_with_micro_fault.py"
     proc = run_train(["15", "TERM", *tiny(digits_shards, out, *ACCUM)], script=script, check=False)
     assert proc.returncode == 75, proc.stderr[-3000:]
     assert "checkpoint at step 8 written" in proc.stdout
