@@ -207,20 +207,26 @@ def clear_grads(accelerator, model) -> None:
     if not uses_deepspeed(accelerator):
         return
     opt = model.optimizer  # the engine's (ZeRO) optimizer
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)  # stage 3: also restarts its micro-step count (the next one copies, not adds)
     if zero_stage(accelerator) == 3:  # stage3.py, _overflow_clean_up
         if opt.offload_optimizer:
             opt.reset_cpu_buffers()
         else:
             opt.averaged_gradients = {}
     elif zero_stage(accelerator):  # stage_1_and_2.py, step() on overflow
-        opt._release_preflattened_grad_buffers()
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        release = getattr(opt, "_release_preflattened_grad_buffers", None)  # (newer DeepSpeed only)
+        if release is not None:
+            release()
         if opt.cpu_offload:
             opt.reset_cpu_buffers()
         else:
-            for held in (opt.averaged_gradients, opt.all_grad_tensors):  # (partial sums sit in the latter)
+            for name in ("averaged_gradients", "all_grad_tensors"):  # (partial sums sit in the latter)
+                held = getattr(opt, name, {})
                 for k in held:
                     held[k] = None
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID  # as its step() does: with offload, the CPU sums restart
 
 
 def save_engine(engine, local_dir: str, tag: str) -> None:
