@@ -1,10 +1,11 @@
-"""Train the latent-EBM semi-supervised model: Algorithm 1 of Pang et al., one update per step.
+"""Train the latent-EBM semi-supervised model: Algorithm 1 of Pang et al., one optimizer update per step.
 
     accelerate launch launch/train.py --config configs/cifar10.yaml [section.key=value ...]
     python launch/train.py --config configs/digits.yaml train.steps=200
 
 Reads top to bottom: config, runtime, data, training state (model, chains, optimizer, schedule), resume,
-the loop (`train_step`, then the periodic actions in order), teardown.
+the loop (`train_step`, then the periodic actions in order), teardown. A step is one update from
+`train.grad_accum` micro-batches; the schedule, logs, evaluation, checkpoints and stops all count updates.
 """
 
 from __future__ import annotations
@@ -47,42 +48,64 @@ def fill_from_manifest(cfg: C.Config, raw: dict, manifest: dict) -> C.Config:
     return replace(cfg, model=replace(cfg.model, **fields))
 
 
-def train_step(run: Run, batch: dict, done: int) -> tuple[dict, torch.Tensor | None, bool]:
-    """Algorithm 1, one update: negatives (step 2), forward (steps 3-6), the cross-rank status check, then
-    backward and update, or the divergence / NaN handling. Returns the loss terms, z-, and a stop request."""
-    cfg, state, acc = run.cfg, run.state, run.state.acc
-    net = state.net
-    with acc.accumulate(state.model):
-        z_neg = None
-        if run.ebm:  # step 2: update persistent chains, then pool the negatives of all ranks
-            with runtime.full_params(acc, net.prior):
-                num_chains = cfg.sampler.num_chains or cfg.data.batch_unlabelled
-                z_neg_local = sample_negatives(net.prior, state.bank, num_chains, cfg.sampler, cfg.model.sigma0,
-                                               device=acc.device, stats=run.monitor.sampler_stats, sampler=run.sampler)
-            z_neg = runtime.gather(acc, z_neg_local)
-        terms = state.model(batch["x_u"] if run.ebm else None, batch["x_l"], batch["y_l"], z_neg)
-        # One small gather per step, before backward so that every rank takes the same branch (and
-        # DeepSpeed, which steps inside backward, never applies a non-finite update): is the loss
-        # finite everywhere, has any rank been told to stop, are the watchdog's health checks passed?
-        status = runtime.gather(acc, run.monitor.status(terms, run.preemption.requested))
-        status = status.view(acc.num_processes, -1).cpu()  # (ranks, [finite, stop, *health.CHECKS])
-        if bool(status[:, 0].all()) and bool(status[:, 2:].all()):
-            update(run, terms["loss"], done)
-        else:
-            no_update(run, status, terms, done)
-    return terms, z_neg, bool(status[:, 1].any())
+def train_step(run: Run, batches: list[dict], done: int) -> tuple[dict, torch.Tensor | None, bool]:
+    """Algorithm 1, one optimizer update from the `train.grad_accum` micro-batches of `batches`.
+
+    Each micro-batch: its own negatives, forward, the cross-rank status check, then backward (Accelerate
+    divides each loss by grad_accum, so the update follows the window's mean gradient; DDP all-reduces on
+    the last micro-batch only). A failed check stops the window before that micro-batch's backward: the
+    divergence / NaN handling clears what the window accumulated, and no update is applied. Returns the
+    loss terms (means over the micro-batches run), the last z-, and whether any rank was told to stop."""
+    acc, seen, stop = run.state.acc, [], False
+    for i, batch in enumerate(batches):
+        # Accelerate's own micro-step counter is in no checkpoint and runs on across a roll-back; set it so
+        # that the sync (all-reduce, and DeepSpeed's step inside backward) falls on the window's last micro-batch.
+        acc.step = i
+        with acc.accumulate(run.state.model):
+            terms, z_neg, status = forward(run, batch)
+            seen.append({k: v.detach() for k, v in terms.items()})
+            stop = stop or bool(status[:, 1].any())
+            if not (bool(status[:, 0].all()) and bool(status[:, 2:].all())):
+                no_update(run, status, terms, done)
+                return window_mean(seen), z_neg, stop
+            acc.backward(terms["loss"])
+    update(run, done)
+    return window_mean(seen), z_neg, stop
 
 
-def update(run: Run, loss: torch.Tensor, done: int) -> None:
+def forward(run: Run, batch: dict) -> tuple[dict, torch.Tensor | None, torch.Tensor]:
+    """Negatives (step 2) and forward (steps 3-6) of one micro-batch, and the status every rank agrees on."""
     cfg, state, acc = run.cfg, run.state, run.state.acc
-    acc.backward(loss)
-    if acc.sync_gradients and run.monitor.due(done):
+    net, z_neg = state.net, None
+    if run.ebm:  # step 2: update persistent chains, then pool the negatives of all ranks
+        with runtime.full_params(acc, net.prior):
+            num_chains = cfg.sampler.num_chains or cfg.data.batch_unlabelled
+            z_neg_local = sample_negatives(net.prior, state.bank, num_chains, cfg.sampler, cfg.model.sigma0,
+                                           device=acc.device, stats=run.monitor.sampler_stats, sampler=run.sampler)
+        z_neg = runtime.gather(acc, z_neg_local)
+    terms = state.model(batch["x_u"] if run.ebm else None, batch["x_l"], batch["y_l"], z_neg)
+    # One small gather per micro-batch, before backward so that every rank takes the same branch (and
+    # DeepSpeed, which steps inside backward, never applies a non-finite update): is the loss finite
+    # everywhere, has any rank been told to stop, are the watchdog's health checks passed?
+    status = runtime.gather(acc, run.monitor.status(terms, run.preemption.requested))
+    return terms, z_neg, status.view(acc.num_processes, -1).cpu()  # (ranks, [finite, stop, *health.CHECKS])
+
+
+def window_mean(seen: list[dict]) -> dict:
+    """The loss terms averaged over the micro-batches of one update (for the log)."""
+    return {k: torch.stack([t[k] for t in seen]).mean(0) for k in seen[0]}
+
+
+def update(run: Run, done: int) -> None:
+    """The update at the window's end: gradient metrics, clipping, optimizer, one schedule step."""
+    cfg, state, acc = run.cfg, run.state, run.state.acc
+    assert acc.sync_gradients, "the update must fall on the window's last micro-batch"
+    if run.monitor.due(done):
         run.monitor.measure_grads(state.net)
-    if acc.sync_gradients and cfg.optim.grad_clip > 0:
+    if cfg.optim.grad_clip > 0:
         acc.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
     state.optimizer.step()
-    if acc.sync_gradients:
-        state.scheduler.step()
+    state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
 
 
@@ -95,6 +118,7 @@ def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:
         raise TrainingError(f"non-finite loss ({terms['loss'].item()} on rank {run.state.acc.process_index}) at "
                             f"step {done}; lower the learning rates, enable optim.grad_clip, or set train.on_nan=skip")
     else:
+        runtime.clear_grads(run.state.acc, run.state.model)  # what the window accumulated is not applied
         counters["nan_skips"] += 1
         if counters["nan_skips"] > cfg.train.max_nan_skips:
             raise TrainingError(f"{counters['nan_skips']} non-finite losses by step {done} "
@@ -140,7 +164,8 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         url, batch_unlabelled=cfg.data.batch_unlabelled if run.ebm else 0, batch_labelled=cfg.data.batch_labelled,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        start_step=start + state.counters.get("data_offset", 0))  # moved by a resume on another process count
+        start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
+    # offset moves when a resume changes the process count (ssl_ebm/resume.py)
     val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
 
@@ -148,16 +173,15 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         done = step + 1
         if before_step is not None:
             before_step(done, state)
-        batch = {k: v.to(acc.device, non_blocking=True, memory_format=fmt) if v.dim() == 4
-                 else v.to(acc.device, non_blocking=True) for k, v in next(stream).items()}
-        terms, z_neg, stop_requested = train_step(run, batch, done)
+        batches = [to_device(next(stream), acc.device, fmt) for _ in range(cfg.train.grad_accum)]
+        terms, z_neg, stop_requested = train_step(run, batches, done)
         run.n_log += 1
         if run.progress is not None:
             run.progress.update(1)
         if t.log_every and due(t.log_every, done, t.steps):
             log_step(run, done, terms, z_neg)
         if image_data and due(t.image_every, done):
-            save_images(run, done, batch, z_neg)
+            save_images(run, done, batches[-1], z_neg)
         if val_split and due(t.eval_every, done, t.steps):
             evaluate_and_keep_best(run, done)
         if due(t.checkpoint_every, done, t.steps, state.counters.get("stopped_at")):
@@ -172,6 +196,11 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
     if run.progress is not None:
         run.progress.close()
     return finish(run, manifest, t_start)
+
+
+def to_device(batch: dict, device, fmt: torch.memory_format) -> dict:
+    return {k: v.to(device, non_blocking=True, memory_format=fmt) if v.dim() == 4 else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def progress_bar(acc, cfg: C.Config, start: int):

@@ -194,13 +194,22 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: how long, how often to log / evaluate / save, and where."""
+    """The loop: how long, how often to log / evaluate / save, and where.
 
-    steps: int = 1000
+    A step is one optimizer update. With `grad_accum` = k each update runs k micro-batches of
+    data.batch_unlabelled + data.batch_labelled examples per process, every one with its own negatives,
+    forward, health check and backward, and applies the mean of their gradients (effective batch k times
+    larger; DDP all-reduces once, on the last). `steps`, the LR schedule (`optim.warmup_steps`), the
+    log / eval / image / checkpoint cadences, the watchdog's step numbers and early stopping all count
+    updates, so a checkpoint always falls between windows and a stop signal finishes the window first.
+    Under DeepSpeed, k fills the engine's gradient_accumulation_steps.
+    """
+
+    steps: int = 1000  # optimizer updates
     seed: int = 0
     method: str = "ebm"  # "ebm" (Algorithm 1) or "supervised" (labelled loss only, same nets)
     mixed_precision: str = "no"  # "no" or "bf16" (autocast; the sampler stays fp32)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per update (see above)
     out_dir: str = "runs/default"  # fsspec URL of the run directory (config, logs, metrics)
     checkpoint_dir: str = ""  # fsspec URL for checkpoints; "" = <out_dir>/checkpoints
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)

@@ -2,7 +2,8 @@
 
 How to read the metrics: docs/HEALTH.md. Everything here is computed as device tensors; the host sees
 them only at log steps (`Monitor.record`, one transfer) and through the loop's one per-step status
-gather, which the watchdog's checks ride on (`Monitor.status`). The loop calls, per step:
+gather, which the watchdog's checks ride on (`Monitor.status`). The loop calls, per step (one update;
+per micro-batch for the status when train.grad_accum > 1):
 
     monitor.status(terms, stop_requested)  -> [finite, stop, *CHECKS ok], gathered over ranks
     monitor.measure_grads(net)             after backward, on log steps only

@@ -55,11 +55,12 @@ def start_or_resume(state, store: CheckpointStore, resume: str) -> None:
     gone = f"; removed the abandoned timeline after step {step}: {', '.join(dropped)}" if dropped else ""
     acc.print(f"resumed from {source.url_of(name)} at step {step}{gone}")
     if meta_world != acc.num_processes:
-        state.counters["data_offset"] = elastic_data_offset(step, state.counters.get("data_offset", 0),
+        micro = step * state.cfg.train.grad_accum  # the stream counts micro-batches
+        state.counters["data_offset"] = elastic_data_offset(micro, state.counters.get("data_offset", 0),
                                                             meta_world, acc.num_processes)
         acc.print(f"resumed {name} saved by {meta_world} process{'es' if meta_world > 1 else ''} on "
                   f"{acc.num_processes}: {state.elastic}, "
-                  f"data position batch {step + state.counters['data_offset']} of the {acc.num_processes}-process "
+                  f"data position batch {micro + state.counters['data_offset']} of the {acc.num_processes}-process "
                   "stream (the same epoch and point in it; other examples than the old ranks would have read), "
                   "RNG reseeded from train.seed, rank and step")
 
@@ -116,7 +117,8 @@ def check_model_config(store: CheckpointStore, name: str, cfg: C.Config) -> None
 
 
 def elastic_data_offset(step: int, offset: int, saved_world: int, world: int) -> int:
-    """The data stream's new offset from the step count. The old ranks had each read `step + offset` batches;
+    """The data stream's new offset from `step`, the micro-batches every rank had read by the resumed update
+    (update count times train.grad_accum). The old ranks had each read `step + offset` batches;
     the same number of examples in all spread over `world` ranks is (step + offset) * saved_world // world
     batches each: that is the same epoch and the same point in it (every rank's part shrinks or grows by
     saved_world / world), though not the same examples (the parts and their shuffles depend on the rank)."""

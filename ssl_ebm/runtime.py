@@ -203,6 +203,41 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def clear_grads(accelerator, model) -> None:
+    """Drop every gradient accumulated so far, for real (a roll-back, a skipped update).
+
+    Off the window's last micro-batch Accelerate's `optimizer.zero_grad` does nothing, and under DeepSpeed
+    it never does: the engine's ZeRO optimizer holds the partial sums. Those are dropped as DeepSpeed drops
+    them itself after an fp16 overflow (stage 1/2: `averaged_gradients`, `all_grad_tensors`; stage 3:
+    `averaged_gradients`; with offload, its CPU buffers).
+    """
+    for p in model.parameters():
+        p.grad = None
+    if not uses_deepspeed(accelerator):
+        return
+    opt = model.optimizer  # the engine's (ZeRO) optimizer
+    opt.zero_grad(set_to_none=True)  # stage 3: also restarts its micro-step count (the next one copies, not adds)
+    if zero_stage(accelerator) == 3:  # stage3.py, _overflow_clean_up
+        if opt.offload_optimizer:
+            opt.reset_cpu_buffers()
+        else:
+            opt.averaged_gradients = {}
+    elif zero_stage(accelerator):  # stage_1_and_2.py, step() on overflow
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        release = getattr(opt, "_release_preflattened_grad_buffers", None)  # (newer DeepSpeed only)
+        if release is not None:
+            release()
+        if opt.cpu_offload:
+            opt.reset_cpu_buffers()
+        else:
+            for name in ("averaged_gradients", "all_grad_tensors"):  # (partial sums sit in the latter)
+                held = getattr(opt, name, {})
+                for k in held:
+                    held[k] = None
+        opt.micro_step_id = INITIAL_MICRO_STEP_ID  # as its step() does: with offload, the CPU sums restart
+
+
 def save_engine(engine, local_dir: str, tag: str) -> None:
     """DeepSpeed writes this rank's shards of weights and optimizer state under `local_dir` (a collective)."""
     engine.save_checkpoint(local_dir, tag=tag, save_latest=False)

@@ -156,7 +156,7 @@ class TrainingState:
         if self.acc.is_main_process:
             store.remove(newer)
         self.acc.wait_for_everyone()
-        self.optimizer.zero_grad(set_to_none=True)
+        runtime.clear_grads(self.acc, self.model)  # the failed window's partial sums (zero_grad skips them)
         saved = self.load(store, name)
         if self.bank is not None:
             self.bank.reinit(1.0)

@@ -128,6 +128,27 @@ def test_zero2_bf16_autocast_trains(digits_shards, fp32_runs, tmp_path):
         "weights stay fp32 under bf16 autocast"
 
 
+@pytest.mark.slow
+def test_zero2_grad_accum_and_a_failure_inside_a_window_match_ddp(digits_shards, tmp_path):
+    """train.grad_accum=2, and the chain check fails in the 2nd micro-batch of update 11 (after the 1st ran
+    its backward): the watchdog goes back to step-000005 on both. The partial sums of update 11 sit in the
+    ZeRO optimizer, where zero_grad does not reach; had they survived the roll-back, update 12 would differ."""
+    script = REPO / "tests" / "scripts" / "train_with_micro_fault.py"
+    extra = ["train.steps=16", "train.checkpoint_every=5", "train.grad_accum=2", "optim.warmup_steps=0"]
+    logs = []
+    for name, launcher in (("ddp", None), ("zero2", zero("zero2.yaml"))):
+        out = tmp_path / name
+        proc = run_train(["22", "FLING", *args(digits_shards, out, *extra)], nproc=2, launcher=launcher, script=script)
+        (line,) = [line for line in proc.stdout.splitlines() if line.startswith("watchdog:")]
+        assert line.startswith("watchdog: step 11: ") and "restored step-000005" in line, line
+        logs.append(records(out))
+    assert json.loads((tmp_path / "zero2" / "checkpoints" / "step-000016" / "meta.json").read_text())["zero_stage"] == 2
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(range(1, 17))
+    for a, b in zip(*logs):
+        for key in ("loss", "F_pos", "F_neg", "lr_prior"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-6), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
+
+
 # ----------------------------------------------------------------------------- config filling (no launch)
 
 

@@ -194,6 +194,34 @@ def test_bad_health_config_says_what_to_change(overrides, fragment):
         C.from_dict(C.Config, overrides)
 
 
+def test_roll_back_clears_gradients_accumulated_off_the_sync_step(tmp_path):
+    """With train.grad_accum=2 the first micro-batch's backward leaves gradients that Accelerate's zero_grad
+    does not touch (not a sync step); a roll-back must drop them, or they would leak into the next update."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from ssl_ebm import runtime
+    from ssl_ebm.checkpoint import CheckpointStore
+    from ssl_ebm.state import TrainingState
+
+    for reset in (AcceleratorState, GradientState, PartialState):
+        reset._reset_state()
+    cfg = C.Config(model=C.ModelConfig(**SMALL), sampler=C.SamplerConfig(bank_size=64),
+                   train=C.TrainConfig(grad_accum=2, log_with="none"))
+    acc = runtime.make_accelerator(cfg)
+    state, store = TrainingState.create(cfg, acc), CheckpointStore(str(tmp_path / "ckpt"))
+    state.save(store, "step", 0)
+    with acc.accumulate(state.model):
+        assert not acc.sync_gradients, "the first micro-batch of a window of 2"
+        terms = state.model(torch.randn(8, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 0]), torch.randn(8, 4))
+        acc.backward(terms["loss"])
+    assert all(p.grad is not None for p in state.net.parameters())
+    state.roll_back(store, "step-000000", [])
+    stale = [name for name, p in state.net.named_parameters() if p.grad is not None]
+    assert not stale, f"gradients of the failed timeline survive the roll-back: {stale}"
+    for reset in (AcceleratorState, GradientState, PartialState):
+        reset._reset_state()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

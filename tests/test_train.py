@@ -133,27 +133,113 @@ def test_kill9_then_resume_is_bitwise_identical(digits_shards, tmp_path):
     run_train(tiny(digits_shards, ref, *args))
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, *args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_after = random.Random().choice([10, 15, 20, 25])  # a random point in the run
+    # kill -9 at a random point in the run, possibly in the middle of writing the next checkpoint
+    kill9_after([sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, *args)], out,
+                random.Random().choice([10, 15, 20, 25]))
+    assert not (out / "checkpoints" / f"step-{steps:06d}").exists(), "killed too late to test anything"
+    run_train(tiny(digits_shards, out, *args))  # resume=auto is the default
+    assert_same_end(ref, out, steps)
+
+
+def kill9_after(cmd: list[str], out: Path, step: int) -> None:
+    """Start `cmd`, and kill -9 it as soon as checkpoint step-<step> is complete."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "checkpoints" / f"step-{kill_after:06d}" / "COMPLETE").exists():
+    while not (out / "checkpoints" / f"step-{step:06d}" / "COMPLETE").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.002)
-    # Freeze at once (a fast machine finishes the run in well under a second), then kill -9: the
-    # process dies wherever the poll caught it, possibly in the middle of writing the next checkpoint.
-    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signal.SIGSTOP)  # freeze at once, then kill -9 wherever the poll caught it
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    final = f"step-{steps:06d}"
-    assert not (out / "checkpoints" / final).exists(), "killed too late to test anything"
-    run_train(tiny(digits_shards, out, *args))  # resume=auto is the default
+
+
+def assert_same_end(ref: Path, out: Path, steps: int) -> None:
+    """Both runs end with bitwise the same weights and persistent chains at step-<steps>."""
     assert_same_weights(weights(ref / "checkpoints", steps), weights(out / "checkpoints", steps))
+    final = f"step-{steps:06d}"
     ref_bank = torch.load(ref / "checkpoints" / final / "rank-00000.pt", weights_only=False)["bank"]
     out_bank = torch.load(out / "checkpoints" / final / "rank-00000.pt", weights_only=False)["bank"]
     assert torch.equal(ref_bank["z"], out_bank["z"]), "persistent chains differ after resume"
+
+
+# ----------------------------------------------------------------------------- gradient accumulation
+
+# 30 updates of 2 micro-batches each; cosine schedule after 4 warm-up updates.
+ACCUM = ["train.grad_accum=2", "train.steps=30", "train.checkpoint_every=5", "train.eval_every=0", "train.log_every=1",
+         "optim.schedule=cosine", "optim.warmup_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def accum_ref(digits_shards, tmp_path_factory) -> Path:
+    """The uninterrupted run with ACCUM, for the tests below to compare with."""
+    out = tmp_path_factory.mktemp("accum") / "ref"
+    run_train(tiny(digits_shards, out, *ACCUM))
+    return out
+
+
+def test_grad_accum_steps_and_schedule_count_updates(accum_ref):
+    """log.jsonl steps are updates; warm-up lasts optim.warmup_steps updates; the cosine ends on the last."""
+    from ssl_ebm import config as C
+    from ssl_ebm.state import lr_factor
+
+    cfg = C.load_config(DIGITS, ACCUM)
+    factor = lr_factor(cfg.optim, cfg.train.steps)
+    train_log = [r for r in map(json.loads, (accum_ref / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in train_log] == list(range(1, 31))
+    # lr_prior logged after update s is the rate of update s + 1: base x factor(s)
+    assert [r["lr_prior"] for r in train_log] == [cfg.optim.lr_prior * factor(s) for s in range(1, 31)]
+    base = cfg.optim.lr_prior
+    assert [r["lr_prior"] / base for r in train_log[:4]] == [0.5, 0.75, 1.0, 1.0]  # updates 1-4 at 1/4 .. 4/4
+    assert 0 < train_log[-2]["lr_prior"] < 0.01 * base and train_log[-1]["lr_prior"] == 0.0
+    sched = torch.load(accum_ref / "checkpoints" / "step-000030" / "optimizer.pt", weights_only=False)["scheduler"]
+    assert sched["last_epoch"] == 30, "one schedule step per update"
+
+
+@pytest.mark.slow
+def test_grad_accum_kill9_then_resume_is_bitwise_identical(digits_shards, accum_ref, tmp_path):
+    """Checkpoints fall on window boundaries, and the resumed stream starts at 2 x the step."""
+    out = tmp_path / "killed"
+    kill9_after([sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, *ACCUM)], out,
+                random.Random().choice([5, 15]))
+    assert not (out / "checkpoints" / "step-000030").exists(), "killed too late to test anything"
+    run_train(tiny(digits_shards, out, *ACCUM))
+    assert_same_end(accum_ref, out, 30)
+
+
+@pytest.mark.slow
+def test_grad_accum_stop_signal_finishes_the_window_then_resumes_identically(digits_shards, accum_ref, tmp_path):
+    """SIGTERM in micro-batch 15, the first of update 8: update 8 is finished, step-000008 written, status 75;
+    the resumed run ends as the uninterrupted one."""
+    out = tmp_path / "stopped"
+    script = REPO / "tests" / "scripts" / "train_with_micro_fault.py"
+    proc = run_train(["15", "TERM", *tiny(digits_shards, out, *ACCUM)], script=script, check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "checkpoint at step 8 written" in proc.stdout
+    assert max(p.parent.name for p in (out / "checkpoints").glob("step-*/COMPLETE")) == "step-000008"
+    again = run_train(tiny(digits_shards, out, *ACCUM))
+    assert "resumed from" in again.stdout and "at step 8" in again.stdout
+    assert_same_end(accum_ref, out, 30)
+
+
+def test_grad_accum_update_is_the_mean_over_the_window(digits_shards, tmp_path):
+    """The supervised loss (no negatives) is exactly comparable: 2 micro-batches of 8 labelled examples give
+    the update of one batch of 16, with the gradient averaged over the window, not summed."""
+    common = ["train.method=supervised", "train.steps=3", "train.log_every=1", "train.eval_every=0",
+              "train.log_with=none"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_in_process(digits_shards, str(one), *common, "data.batch_labelled=16")
+    _train_in_process(digits_shards, str(two), *common, "data.batch_labelled=8", "train.grad_accum=2")
+    logs = [[r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+            for out in (one, two)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == [1, 2, 3]
+    for a, b in zip(*logs):
+        for key in ("loss", "ce", "grad_norm_encoder", "grad_norm_prior"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key, a[key], b[key])
+    w1, w2 = weights(one / "checkpoints", 3), weights(two / "checkpoints", 3)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def _train_in_process(shards: str, out: str, *extra: str) -> dict:
