@@ -257,14 +257,30 @@ def train_neural(method: str, cfg: C.Config, url: str, seed: int, settings: dict
     return out
 
 
-def neural_baseline(method: str, cfg: C.Config, url: str, seed: int, entmin: float = 0.0) -> dict:
-    """The grid of `method`, each run to cfg.train.steps; the run best on validation."""
-    if method == "vat":
-        grid = [{"xi": xi, "eps": eps, "entmin": entmin} for xi, eps in VAT_GRID]
-    elif method == "pi":
-        grid = [{"w": w, "noise": noise, "dropout": PI_DROPOUT} for w, noise in PI_GRID]
-    else:
+def settings_from(path: str, method: str) -> dict:
+    """The setting an earlier result of `method` chose on its validation split (its "settings")."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise C.ConfigError(f"--settings-from {path}: cannot read it as a baselines result JSON ({e})") from None
+    if earlier.get("method") != method or not isinstance(earlier.get("settings"), dict):
+        raise C.ConfigError(f"--settings-from {path}: not a {method} result with chosen settings "
+                            f"(method {earlier.get('method')!r}); pass the --out JSON of a --method {method} run")
+    return earlier["settings"]
+
+
+def neural_baseline(method: str, cfg: C.Config, url: str, seed: int, entmin: float = 0.0,
+                    settings: dict | None = None) -> dict:
+    """The grid of `method` (or only `settings`, chosen elsewhere), each run to cfg.train.steps; the run best
+    on validation."""
+    if method not in NEURAL:
         raise ValueError(f"unknown method {method!r}; neural baselines: {', '.join(NEURAL)}")
+    if settings is not None:
+        grid = [settings]
+    elif method == "vat":
+        grid = [{"xi": xi, "eps": eps, "entmin": entmin} for xi, eps in VAT_GRID]
+    else:
+        grid = [{"w": w, "noise": noise, "dropout": PI_DROPOUT} for w, noise in PI_GRID]
     t0 = time.time()
     runs = [train_neural(method, cfg, url, seed, settings) for settings in grid]
     best = max(runs, key=lambda r: r["val_accuracy"])
@@ -283,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--entmin", type=float, default=0.0, help="vat: weight of entropy minimisation (default 0)")
     p.add_argument("--max-unlabelled", type=int, default=4000, help="self_training: unlabelled rows it sees")
     p.add_argument("--out", default="", help="also write the result as JSON here")
+    p.add_argument("--settings-from", default="", help="vat / pi: skip the grid and run only the setting this "
+                   "earlier --out JSON of the same method chose on its validation split (e.g. another seed's)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=1000")
     a = p.parse_args(argv)
     try:
@@ -290,7 +308,13 @@ def main(argv=None) -> int:
         if cfg.train.cpu_threads and not torch.cuda.is_available():
             torch.set_num_threads(cfg.train.cpu_threads)
         if a.method in NEURAL:
-            result = neural_baseline(a.method, cfg, a.shards, a.seed, a.entmin)
+            chosen = settings_from(a.settings_from, a.method) if a.settings_from else None
+            result = neural_baseline(a.method, cfg, a.shards, a.seed, a.entmin, chosen)
+            if a.settings_from:
+                result["settings_from"] = a.settings_from
+        elif a.settings_from:
+            raise C.ConfigError(f"--settings-from is for the network baselines ({', '.join(NEURAL)}), "
+                                f"not --method {a.method}")
         else:
             result = sklearn_baselines(a.shards, [a.method], a.seed, a.max_unlabelled)[a.method]
     except (C.ConfigError, data.DataError) as e:

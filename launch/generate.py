@@ -5,7 +5,8 @@
 
 MODEL is an exported folder or (with --allow-pickle) a checkpoint directory. For each class k,
 --per-class latents are drawn by Langevin on f_k(z) - |z|^2 / (2 sigma0^2) from p0 (ssl_ebm.Model.sample)
-and decoded by the generator. Written to --out (default: the current directory):
+and decoded by the generator. --guidance w > 1 samples log p(z) + w log p(y=k|z) instead (classifier
+guidance: surer, less varied samples); several values are checked by one classifier (check.json: by_guidance). Written to --out (default: the current directory):
     images:  samples.png, one row per class;
     vectors: samples.csv, one row per sample: class, class name, the features in the source data's units;
     text:    top_words.txt, the --top-words most probable words per class (mean over that class's samples).
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=200, help="Langevin steps from p0")
     p.add_argument("--step-size", type=float, default=0.0, help="Langevin step size (default: the training config's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                   help="w: sample log p(z) + w log p(y|z); 1 (default) is the model's own p(z|y), w > 1 sharper; "
+                   "several values give one file each (samples_w<w>.png), all checked by the same classifier")
     p.add_argument("--top-words", type=int, default=10, help="text: words listed per class")
     p.add_argument("--check-with", default="", choices=["", "cnn", "logreg"],
                    help="measure the samples with an independent classifier trained on the full labelled training set")
@@ -116,20 +120,21 @@ def train_checker(kind: str, url: str, seed: int):
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_samples(model: api.Model, x: torch.Tensor, y: torch.Tensor, out: Path, per_class: int, top_words: int) -> Path:
+def write_samples(model: api.Model, x: torch.Tensor, y: torch.Tensor, out: Path, per_class: int, top_words: int,
+                  suffix: str = "") -> Path:
     if model.kind == "image":
         x_BCHW = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        path = out / "samples.png"
+        path = out / f"samples{suffix}.png"
         logs.save_png(str(path), logs.image_grid(x_BCHW, nrow=per_class))
     elif model.kind == "vector":
         names = model.manifest.get("feature_names") or [f"x{i}" for i in range(x.shape[1])]
-        path = out / "samples.csv"
+        path = out / f"samples{suffix}.csv"
         rows = [",".join(["class", "class_name", *names])]
         rows += [",".join([str(int(k)), model.class_names[k], *(f"{v:.6g}" for v in row)]) for k, row in zip(y, x.tolist())]
         path.write_text("\n".join(rows) + "\n")
     else:
         vocab = model.manifest.get("vocab") or [str(i) for i in range(x.shape[1])]
-        path = out / "top_words.txt"
+        path = out / f"top_words{suffix}.txt"
         lines = []
         for k, name in enumerate(model.class_names):
             p = x[y == k].mean(0)
@@ -143,35 +148,47 @@ def run(args) -> dict:
         raise api.ModelError(f"--per-class must be >= 1, got {args.per_class}")
     if args.steps < 1:
         raise api.ModelError(f"--steps must be >= 1, got {args.steps}")
+    bad = [w for w in args.guidance if not w > 0]
+    if bad:
+        raise api.ModelError(f"--guidance must be > 0 (1 = the model's own p(z|y)), got {bad[0]}")
     t0 = time.time()
     model = api.load(args.model, allow_pickle=args.allow_pickle)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     y = torch.arange(model.num_classes).repeat_interleave(args.per_class)
-    z = model.sample(len(y), y=y, steps=args.steps, step_size=args.step_size or None, seed=args.seed)
-    x = model.generate(z)
-    path = write_samples(model, x, y, out, args.per_class, args.top_words)
+    samples = []  # (w, x, path) per guidance value
+    for w in args.guidance:
+        z = model.sample(len(y), y=y, steps=args.steps, step_size=args.step_size or None, seed=args.seed, guidance=w)
+        x = model.generate(z)
+        path = write_samples(model, x, y, out, args.per_class, args.top_words,
+                             suffix="" if len(args.guidance) == 1 else f"_w{w:g}")
+        samples.append((w, x, path))
+        print(f"{len(y)} samples ({args.per_class} per class, guidance {w:g}) written to {path}")
     report = {"model": args.model, "per_class": args.per_class, "steps": args.steps, "seed": args.seed,
-              "written": str(path)}
-    print(f"{len(y)} samples ({args.per_class} per class) written to {path}")
+              "guidance": args.guidance[0], "written": str(samples[0][2])}
     if args.check_with:
         shards = args.shards or model.cfg.data.shards
         predict, test_acc, n_train, (x_test, y_test) = train_checker(args.check_with, shards, args.seed)
-        hit = predict(model.to_model_units(x)) == y
+        by_guidance = []
+        for w, x, path in samples:
+            hit = predict(model.to_model_units(x)) == y
+            by_guidance.append({"guidance": w, "written": str(path), "conditional_accuracy": float(hit.float().mean()),
+                                "per_class": {name: float(hit[y == k].float().mean())
+                                              for k, name in enumerate(model.class_names)}})
         # The same classifier on g(mu(x)) of the test examples: what the generator can do from latents
         # the encoder puts where the data is, against which to read the prior's samples.
         with torch.no_grad():
             recon = model.to_model_units(model.generate(torch.cat([model.net.encoder(b)[0] for b in x_test.split(1024)])))
         recon_acc = float((predict(recon) == y_test).float().mean())
-        per_class = {name: float(hit[y == k].float().mean()) for k, name in enumerate(model.class_names)}
         report.update(check_with=args.check_with, shards=shards, checker_train_examples=n_train,
-                      checker_test_accuracy=test_acc, conditional_accuracy=float(hit.float().mean()),
-                      per_class=per_class, reconstruction_accuracy=recon_acc)
+                      checker_test_accuracy=test_acc, conditional_accuracy=by_guidance[0]["conditional_accuracy"],
+                      per_class=by_guidance[0]["per_class"], reconstruction_accuracy=recon_acc,
+                      by_guidance=by_guidance)
         (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
+        found = "; ".join(f"guidance {g['guidance']:g}: {100 * g['conditional_accuracy']:.1f}%" for g in by_guidance)
         print(f"independent {args.check_with} (trained on {n_train} labelled examples, test accuracy "
-              f"{100 * test_acc:.1f}%) assigns {100 * report['conditional_accuracy']:.1f}% of the {len(y)} "
-              f"samples to their intended class (and {100 * recon_acc:.1f}% of the test examples' reconstructions "
-              "g(mu(x)) to their class)")
+              f"{100 * test_acc:.1f}%) assigns to their intended class, of the {len(y)} samples, {found} "
+              f"(and {100 * recon_acc:.1f}% of the test examples' reconstructions g(mu(x)) to their class)")
     report["seconds"] = round(time.time() - t0, 1)
     return report
 

@@ -17,6 +17,9 @@ chosen on the validation split:
                     (launch/baselines.py says how each is set up and what its grid is)
 --baselines picks them: the default is every one but vat and pi (which train networks, a grid of six
 runs each); "all" adds those two. The verdict compares ours with the best baseline by mean.
+--neural-steps N trains VAT and the Pi-model for N updates (default: the config's train.steps, as ours);
+--neural-grid first-seed searches their grid on the first seed only and runs the setting its validation
+chose on the other seeds (one run per seed instead of six); results/<name>.json records both.
 The overrides apply to ours and the network baselines alike. Training runs go --jobs at a time
 (each with OMP_NUM_THREADS=1). Results go to results/<name>.json, and docs/RESULTS.md is regenerated
 from every results/*.json between its reproduce markers; everything else in it is kept.
@@ -101,6 +104,11 @@ def parse_args(argv=None):
                    help=f"comma list of {', '.join(BASELINES)}; 'default' = all but vat and pi; 'all' (default: default)")
     p.add_argument("--ours-from", default="", help="take ours and supervised from this earlier results JSON "
                    "(same config and seeds) instead of training them; label spreading then checks the shards")
+    p.add_argument("--neural-steps", type=int, default=0,
+                   help="updates of each VAT / Pi-model run (default: the config's train.steps, as ours)")
+    p.add_argument("--neural-grid", default="every-seed", choices=["every-seed", "first-seed"],
+                   help="VAT / Pi-model: search the grid on every seed, or on the first seed only and run the "
+                   "setting its validation chose on the other seeds (a sixth of the training)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for ours and the supervised baseline")
     return p.parse_args(argv)
 
@@ -132,10 +140,12 @@ def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse
 
 
 def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, out: Path,
-               reuse: bool = False) -> dict:
-    """launch/baselines.py --method vat|pi in a subprocess (one thread), its JSON; reused like train_run."""
+               reuse: bool = False, settings_from: Path | None = None) -> dict:
+    """launch/baselines.py --method vat|pi in a subprocess (one thread), its JSON; reused like train_run.
+    settings_from: an earlier result.json whose chosen setting is run instead of the grid."""
     cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
-           "--method", method, "--seed", str(seed), "--out", str(out / "result.json"), *overrides]
+           "--method", method, "--seed", str(seed), "--out", str(out / "result.json"),
+           *(["--settings-from", str(settings_from)] if settings_from else []), *overrides]
     stamp = {"args": cmd[1:], "config_text": Path(config).read_text() if Path(config).exists() else ""}
     done = (out / "result.json").exists() and (out / "command.json").exists()
     if reuse and done and json.loads((out / "command.json").read_text()) == stamp:
@@ -340,6 +350,17 @@ def reproduce(args) -> dict:
             "shards": str(shard_dir), "split_seed": s}})).data)
     manifest = data.read_manifest(urls[seeds[0]])
 
+    neural_steps = [f"train.steps={args.neural_steps}"] if args.neural_steps > 0 else []
+    futures = {}
+
+    def tuned(method: str, s: int) -> Path | None:
+        """--neural-grid first-seed: the first seed's result, once its grid is done (its job was queued
+        first, so it runs before this one waits), whose chosen setting seed s runs."""
+        if args.neural_grid != "first-seed" or s == seeds[0]:
+            return None
+        futures[(seeds[0], method)].result()
+        return work / f"seed{seeds[0]}" / method / "result.json"
+
     jobs = []  # (seed, method, callable) for the thread pool: training subprocesses
     for s in seeds:
         common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={s}"]
@@ -352,11 +373,12 @@ def reproduce(args) -> dict:
                          train_run(args.config, ov, out, out / "train.log", args.reuse)))
         for method in (m for m in BL.NEURAL if m in chosen):
             jobs.append((s, method, lambda method=method, s=s: neural_run(
-                method, args.config, [*args.overrides, f"train.seed={s}"], urls[s], s,
-                work / f"seed{s}" / method, args.reuse)))
+                method, args.config, [*args.overrides, f"train.seed={s}", *neural_steps], urls[s], s,
+                work / f"seed{s}" / method, args.reuse, tuned(method, s))))
     sklearn = [m for m in BL.SKLEARN if m in chosen]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {(s, m): pool.submit(fn) for s, m, fn in jobs}
+        for s, m, fn in jobs:
+            futures[(s, m)] = pool.submit(fn)
         fitted = {}  # meanwhile, here: the scikit-learn baselines
         for s in seeds:
             fitted[s] = BL.sklearn_baselines(urls[s], sklearn, s, args.ls_max_unlabelled) if sklearn else {}
@@ -369,7 +391,9 @@ def reproduce(args) -> dict:
         "--config", os.path.relpath(args.config, REPO) if os.path.isabs(args.config) else args.config,
         "--seeds", str(args.seeds), *(["--name", args.name] if args.name else []),
         *(["--baselines", args.baselines] if args.baselines != "default" else []),
-        *(["--ours-from", args.ours_from] if args.ours_from else []), *args.overrides])
+        *(["--ours-from", args.ours_from] if args.ours_from else []),
+        *(["--neural-steps", str(args.neural_steps)] if args.neural_steps > 0 else []),
+        *(["--neural-grid", args.neural_grid] if args.neural_grid != "every-seed" else []), *args.overrides])
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
         "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg),
@@ -377,6 +401,8 @@ def reproduce(args) -> dict:
         "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
         **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},
         "paper": PAPER.get(name, ""), "note": args.note, "command": command,
+        **({"neural_steps": args.neural_steps or cfg.train.steps, "neural_grid": args.neural_grid}
+           if any(m in chosen for m in BL.NEURAL) else {}),
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0, 1), "runs": runs,
         "resolved_config": C.to_dict(cfg),
     }

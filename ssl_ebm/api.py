@@ -169,13 +169,20 @@ def export(model: "Model", url: str) -> str:
 
 
 class _ClassEnergy:
-    """f_y(z) for one class per chain: the negative energy Langevin climbs for p(z | y) ∝ exp(f_y(z)) p0(z)."""
+    """F(z) + w (f_y(z) - F(z)) = log p(z) + w log p(y | z) + c, one class per chain: the negative energy
+    Langevin climbs. w = 1 is the model's own p(z | y) ∝ exp(f_y(z)) p0(z); w > 1 weighs the class
+    posterior more (classifier guidance)."""
 
-    def __init__(self, prior, y_N: torch.Tensor):
-        self.prior, self.y_N1 = prior, y_N[:, None]
+    def __init__(self, prior, y_N: torch.Tensor, guidance: float = 1.0):
+        self.prior, self.y_N1, self.w = prior, y_N[:, None], guidance
 
     def free_energy(self, z_NZ: torch.Tensor) -> torch.Tensor:
-        return self.prior(z_NZ).gather(1, self.y_N1).squeeze(1)
+        f_NK = self.prior(z_NZ)
+        f_y_N = f_NK.gather(1, self.y_N1).squeeze(1)
+        if self.w == 1.0:
+            return f_y_N
+        F_N = torch.logsumexp(f_NK, dim=1)
+        return F_N + self.w * (f_y_N - F_N)
 
 
 class Model:
@@ -283,15 +290,19 @@ class Model:
 
     # ------------------------------------------------------------------ generation
     def sample(self, n: int, y=None, *, steps: int = 200, step_size: float | None = None,
-               seed: int | None = None) -> torch.Tensor:
+               seed: int | None = None, guidance: float = 1.0) -> torch.Tensor:
         """n latents z (N, Z) by Langevin from p0 (eq. 6): on log p(z) = F(z) - |z|^2/(2 sigma0^2), or, given
         a class y (an index, a name, or one per sample), on log p(z | y) = f_y(z) - |z|^2/(2 sigma0^2) + c.
 
         `steps` from p0 (200: well past the 20 that training's persistent chains take per update),
-        `step_size` (default: the training config's), `seed` for a reproducible draw.
+        `step_size` (default: the training config's), `seed` for a reproducible draw. `guidance` w (with y)
+        samples log p(z) + w log p(y | z) instead: w = 1 (the default) is the model's p(z | y) exactly;
+        w > 1 trades diversity for samples the prior's classifier is surer of, as classifier guidance does.
         """
         if n < 0:
             raise ModelError(f"n must be >= 0, got {n}")
+        if not guidance > 0:
+            raise ModelError(f"guidance must be > 0 (1 = the model's own p(z | y)), got {guidance}")
         mc = self.cfg.model
         gen = None
         if seed is not None:
@@ -300,7 +311,7 @@ class Model:
         z0 = mc.sigma0 * (torch.randn((n, mc.z_dim), generator=gen, device=self.device))
         energy = self.net.prior
         if y is not None:
-            energy = _ClassEnergy(self.net.prior, self._labels(y, n))
+            energy = _ClassEnergy(self.net.prior, self._labels(y, n), guidance)
         z = langevin(energy, z0, steps=steps, step_size=step_size or self.cfg.sampler.step_size, sigma0=mc.sigma0,
                      generator=gen)
         return z.cpu()

@@ -172,6 +172,19 @@ def test_sample_is_seeded_and_conditions_on_the_class(model):
     assert torch.equal(model.sample(3, y="7", seed=2), model.sample(3, y=7, seed=2))
 
 
+def test_guidance_sharpens_the_class_and_one_is_the_models_own(model):
+    n = 500
+    y = torch.arange(10).repeat_interleave(n // 10)
+    assert torch.equal(model.sample(n, y=y, seed=0), model.sample(n, y=y, seed=0, guidance=1.0))
+    z1, z4 = model.sample(n, y=y, seed=0), model.sample(n, y=y, seed=0, guidance=4.0)
+    with torch.no_grad():
+        p1, p4 = (torch.softmax(model.net.prior(z), 1).gather(1, y[:, None]).mean().item() for z in (z1, z4))
+    # log p(z) + w log p(y|z) with w = 4: the prior's own p(y|z) of the intended class rises
+    assert p4 > p1 + 0.1, (p1, p4)
+    with pytest.raises(api.ModelError, match="guidance must be > 0"):
+        model.sample(2, y=1, guidance=0.0)
+
+
 def test_generate_gives_the_datas_own_units(model, trained):
     x, _ = raw_digits(trained[2], "test")
     mu, _ = model.encode(x)
@@ -218,6 +231,14 @@ def test_generate_cli_writes_csv_in_source_units_and_checks_it(trained, tmp_path
     assert report["checker_train_examples"] > 1000 and report["checker_test_accuracy"] > 0.9
     assert len(report["per_class"]) == 10 and 0.0 <= report["conditional_accuracy"] <= 1.0
     assert "assigns" in proc.stdout
+    proc = cli("generate.py", ckpt, "--allow-pickle", "--per-class", "20", "--out", str(tmp_path / "w"),
+               "--check-with", "logreg", "--shards", shards, "--guidance", "1", "4")
+    assert proc.returncode == 0, proc.stderr
+    both = json.loads((tmp_path / "w" / "check.json").read_text())["by_guidance"]
+    assert [g["guidance"] for g in both] == [1.0, 4.0] and all((tmp_path / "w" / f"samples_w{w}.csv").exists()
+                                                                for w in (1, 4))
+    assert both[0]["conditional_accuracy"] == report["conditional_accuracy"]  # same seed, same classifier
+    assert both[1]["conditional_accuracy"] > both[0]["conditional_accuracy"], both
     proc = cli("generate.py", ckpt, "--per-class", "2", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--allow-pickle" in proc.stderr
 

@@ -98,6 +98,37 @@ def test_reproduce_every_baseline_on_the_same_shards(tmp_path):
     assert bad.returncode == 2 and "shards differ" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_reproduce_neural_grid_on_the_first_seed_only(tmp_path):
+    """--neural-grid first-seed: seed 0 searches the VAT grid, seed 1 runs only the setting seed 0's
+    validation chose, for --neural-steps updates."""
+    common = ["--config", str(REPO / "configs" / "digits.yaml"), "--seeds", "2", "--work", str(tmp_path / "work"),
+              "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "RESULTS.md"),
+              "--ls-max-unlabelled", "300", "--baselines", "vat", "--neural-steps", "6", "--neural-grid", "first-seed",
+              "--jobs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), *common, *TINY, "train.steps=4",
+                           "train.eval_every=2"], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results" / "digits.json").read_text())
+    first, second = (r["vat"] for r in result["runs"])
+    assert len(first["candidates"]) == 6 and first["steps"] == 6
+    assert len(second["candidates"]) == 1 and second["settings"] == first["settings"] and second["steps"] == 6
+    assert second["settings_from"].endswith("seed0/vat/result.json")
+    assert result["neural_steps"] == 6 and result["neural_grid"] == "first-seed"
+    assert "--neural-grid first-seed" in result["command"]
+
+
+def test_baselines_settings_from_another_method_is_one_line(tmp_path):
+    other = tmp_path / "pi.json"
+    other.write_text(json.dumps({"method": "pi", "settings": {"w": 1.0, "noise": 0.15, "dropout": 0.1}}))
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "baselines.py"), "--config",
+                           str(REPO / "configs" / "digits.yaml"), "--shards", str(tmp_path / "none"), "--method", "vat",
+                           "--settings-from", str(other)], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "not a vat result" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_reproduce_unknown_baseline_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), "--config",
                            str(REPO / "configs" / "digits.yaml"), "--baselines", "lr,svm"], check=False, cwd=REPO,
