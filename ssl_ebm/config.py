@@ -285,8 +285,8 @@ class Config:
                    "is 0, but train.method 'supervised' learns from labelled data only; set "
                    "data.batch_labelled > 0")
         _check(self.health.patience == 0 or self.train.eval_every > 0, "health.patience",
-               f"early stopping counts validation passes, but train.eval_every is 0 (validation only at the "
-               f"end); set train.eval_every or health.patience=0")
+               "early stopping counts validation passes, but train.eval_every is 0 (validation only at the "
+               "end); set train.eval_every or health.patience=0")
 
 
 # ----------------------------------------------------------------------------- loading

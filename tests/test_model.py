@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pairings import PAIRINGS, tiny_config
 from ssl_ebm.config import OptimConfig
