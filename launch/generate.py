@@ -143,6 +143,20 @@ def write_samples(model: api.Model, x: torch.Tensor, y: torch.Tensor, out: Path,
     return path
 
 
+def spread(x: torch.Tensor, y: torch.Tensor) -> float:
+    """How varied samples are: the mean over classes of the mean pairwise distance (model units, RMS per
+    feature) between examples of one class. check.json gives it for the samples of each guidance value and
+    for as many real test examples per class: sharper guidance that only repeats a few prototypes shows up
+    as a spread far below the test set's."""
+    out = []
+    for k in y.unique():
+        v = x[y == k].flatten(1).float()
+        if len(v) > 1:
+            d = torch.cdist(v, v) / v.shape[1] ** 0.5
+            out.append(d.sum() / (len(v) * (len(v) - 1)))
+    return float(torch.stack(out).mean()) if out else 0.0
+
+
 def run(args) -> dict:
     if args.per_class < 1:
         raise api.ModelError(f"--per-class must be >= 1, got {args.per_class}")
@@ -174,21 +188,26 @@ def run(args) -> dict:
             hit = predict(model.to_model_units(x)) == y
             by_guidance.append({"guidance": w, "written": str(path), "conditional_accuracy": float(hit.float().mean()),
                                 "per_class": {name: float(hit[y == k].float().mean())
-                                              for k, name in enumerate(model.class_names)}})
+                                              for k, name in enumerate(model.class_names)},
+                                "spread": spread(model.to_model_units(x), y)})
         # The same classifier on g(mu(x)) of the test examples: what the generator can do from latents
         # the encoder puts where the data is, against which to read the prior's samples.
         with torch.no_grad():
             recon = model.to_model_units(model.generate(torch.cat([model.net.encoder(b)[0] for b in x_test.split(1024)])))
         recon_acc = float((predict(recon) == y_test).float().mean())
+        per_k = torch.cat([torch.nonzero(y_test == k).flatten()[:args.per_class] for k in range(model.num_classes)])
         report.update(check_with=args.check_with, shards=shards, checker_train_examples=n_train,
                       checker_test_accuracy=test_acc, conditional_accuracy=by_guidance[0]["conditional_accuracy"],
                       per_class=by_guidance[0]["per_class"], reconstruction_accuracy=recon_acc,
+                      test_spread=spread(x_test[per_k], y_test[per_k]),
                       by_guidance=by_guidance)
         (out / "check.json").write_text(json.dumps(report, indent=2) + "\n")
-        found = "; ".join(f"guidance {g['guidance']:g}: {100 * g['conditional_accuracy']:.1f}%" for g in by_guidance)
+        found = "; ".join(f"guidance {g['guidance']:g}: {100 * g['conditional_accuracy']:.1f}% (spread {g['spread']:.3f})"
+                          for g in by_guidance)
         print(f"independent {args.check_with} (trained on {n_train} labelled examples, test accuracy "
               f"{100 * test_acc:.1f}%) assigns to their intended class, of the {len(y)} samples, {found} "
-              f"(and {100 * recon_acc:.1f}% of the test examples' reconstructions g(mu(x)) to their class)")
+              f"(and {100 * recon_acc:.1f}% of the test examples' reconstructions g(mu(x)) to their class; the "
+              f"test examples' own spread {report['test_spread']:.3f})")
     report["seconds"] = round(time.time() - t0, 1)
     return report
 

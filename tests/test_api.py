@@ -239,6 +239,8 @@ def test_generate_cli_writes_csv_in_source_units_and_checks_it(trained, tmp_path
                                                                 for w in (1, 4))
     assert both[0]["conditional_accuracy"] == report["conditional_accuracy"]  # same seed, same classifier
     assert both[1]["conditional_accuracy"] > both[0]["conditional_accuracy"], both
+    report = json.loads((tmp_path / "w" / "check.json").read_text())
+    assert all(0 < g["spread"] < 10 for g in both) and 0 < report["test_spread"] < 10
     proc = cli("generate.py", ckpt, "--per-class", "2", "--out", str(tmp_path))
     assert proc.returncode == 2 and "--allow-pickle" in proc.stderr
 
