@@ -252,6 +252,9 @@ def render(results: list[dict]) -> str:
         note = f" ({r['note']})" if r.get("note") else ""
         if "resolved_config" in r:  # from the config itself, so that older results show the same fields
             r["variant"] = variant(C.from_dict(C.Config, r["resolved_config"]))
+        if r.get("neural_steps"):  # the network baselines' own length and grid search
+            grid = f", grid on seed {r['seeds'][0]} only" if r.get("neural_grid") == "first-seed" else ""
+            note = f"; VAT / Π-model: {r['neural_steps']:,} updates{grid}" + note
         name = r["name"] if r["name"] == r["dataset"] else f"{r['name']} ({r['dataset']})"
         best = best_baseline(r)
         cells = [name, str(r["labels"]), fmt(r["ours"]), BL.NAMES[best[0]] if best else "-",

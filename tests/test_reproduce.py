@@ -117,6 +117,8 @@ def test_reproduce_neural_grid_on_the_first_seed_only(tmp_path):
     assert second["settings_from"].endswith("seed0/vat/result.json")
     assert result["neural_steps"] == 6 and result["neural_grid"] == "first-seed"
     assert "--neural-grid first-seed" in result["command"]
+    row = next(line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if line.startswith("| digits |"))
+    assert "VAT / Π-model: 6 updates, grid on seed 0 only" in row
 
 
 def test_baselines_settings_from_another_method_is_one_line(tmp_path):
