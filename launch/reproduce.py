@@ -335,6 +335,38 @@ def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained
     return {"seed": s, "shards": url, **run}
 
 
+def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], urls: dict, work: Path,
+                  futures: dict) -> list:
+    """(seed, method, callable) for the thread pool: the training subprocesses (ours and supervised unless
+    --ours-from gave them, then VAT / Pi-model). `futures` is where the pool's futures will be, for
+    --neural-grid first-seed: a later seed's run waits there for the first seed's grid."""
+    neural_steps = [f"train.steps={args.neural_steps}"] if args.neural_steps > 0 else []
+
+    def tuned(method: str, s: int) -> Path | None:
+        """--neural-grid first-seed: the first seed's result, once its grid is done (its job was queued
+        first, so it runs before this one waits), whose chosen setting seed s runs."""
+        if args.neural_grid != "first-seed" or s == seeds[0]:
+            return None
+        futures[(seeds[0], method)].result()
+        return work / f"seed{seeds[0]}" / method / "result.json"
+
+    jobs = []
+    for s in seeds:
+        common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={s}"]
+        methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
+        for method in methods:
+            extra = ["train.method=supervised"] if method == "supervised" else []
+            out = work / f"seed{s}" / method
+            out.mkdir(parents=True, exist_ok=True)
+            jobs.append((s, method, lambda ov=[*common, *extra], out=out:
+                         train_run(args.config, ov, out, out / "train.log", args.reuse)))
+        for method in (m for m in BL.NEURAL if m in chosen):
+            jobs.append((s, method, lambda method=method, s=s: neural_run(
+                method, args.config, [*args.overrides, f"train.seed={s}", *neural_steps], urls[s], s,
+                work / f"seed{s}" / method, args.reuse, tuned(method, s))))
+    return jobs
+
+
 def reproduce(args) -> dict:
     t0 = time.time()
     raw = C.raw_tree(args.config, args.overrides)
@@ -353,31 +385,8 @@ def reproduce(args) -> dict:
             "shards": str(shard_dir), "split_seed": s}})).data)
     manifest = data.read_manifest(urls[seeds[0]])
 
-    neural_steps = [f"train.steps={args.neural_steps}"] if args.neural_steps > 0 else []
-    futures = {}
-
-    def tuned(method: str, s: int) -> Path | None:
-        """--neural-grid first-seed: the first seed's result, once its grid is done (its job was queued
-        first, so it runs before this one waits), whose chosen setting seed s runs."""
-        if args.neural_grid != "first-seed" or s == seeds[0]:
-            return None
-        futures[(seeds[0], method)].result()
-        return work / f"seed{seeds[0]}" / method / "result.json"
-
-    jobs = []  # (seed, method, callable) for the thread pool: training subprocesses
-    for s in seeds:
-        common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={s}"]
-        methods = [] if earlier is not None else ["ours", *(["supervised"] if "supervised" in chosen else [])]
-        for method in methods:
-            extra = ["train.method=supervised"] if method == "supervised" else []
-            out = work / f"seed{s}" / method
-            out.mkdir(parents=True, exist_ok=True)
-            jobs.append((s, method, lambda ov=[*common, *extra], out=out:
-                         train_run(args.config, ov, out, out / "train.log", args.reuse)))
-        for method in (m for m in BL.NEURAL if m in chosen):
-            jobs.append((s, method, lambda method=method, s=s: neural_run(
-                method, args.config, [*args.overrides, f"train.seed={s}", *neural_steps], urls[s], s,
-                work / f"seed{s}" / method, args.reuse, tuned(method, s))))
+    futures = {}  # (seed, method) -> Future, filled as the jobs are submitted
+    jobs = training_jobs(args, chosen, earlier is not None, seeds, urls, work, futures)
     sklearn = [m for m in BL.SKLEARN if m in chosen]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for s, m, fn in jobs:
