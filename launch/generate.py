@@ -185,11 +185,12 @@ def run(args) -> dict:
         predict, test_acc, n_train, (x_test, y_test) = train_checker(args.check_with, shards, args.seed)
         by_guidance = []
         for w, x, path in samples:
-            hit = predict(model.to_model_units(x)) == y
+            x_model = model.to_model_units(x)
+            hit = predict(x_model) == y
             by_guidance.append({"guidance": w, "written": str(path), "conditional_accuracy": float(hit.float().mean()),
                                 "per_class": {name: float(hit[y == k].float().mean())
                                               for k, name in enumerate(model.class_names)},
-                                "spread": spread(model.to_model_units(x), y)})
+                                "spread": spread(x_model, y)})
         # The same classifier on g(mu(x)) of the test examples: what the generator can do from latents
         # the encoder puts where the data is, against which to read the prior's samples.
         with torch.no_grad():
