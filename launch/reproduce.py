@@ -116,6 +116,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- the methods
 
 
+def _config_text(config: str) -> str:
+    """The config file's text with its bases' (what a run depends on); empty when the file is gone."""
+    return C.config_text(config) if Path(config).exists() else ""
+
+
 def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse: bool = False) -> dict:
     """launch/train.py in a subprocess; its metrics.json (with "reused": true when --reuse found the same run).
 
@@ -123,7 +128,7 @@ def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse
     reuse, a finished run whose command.json matches exactly is not trained again."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
            f"train.out_dir={out_dir}", "train.resume=never", "train.progress=false"]
-    stamp = {"args": cmd[1:], "config_text": Path(config).read_text() if Path(config).exists() else ""}
+    stamp = {"args": cmd[1:], "config_text": _config_text(config)}
     done = (out_dir / "metrics.json").exists() and (out_dir / "command.json").exists()
     if reuse and done and json.loads((out_dir / "command.json").read_text()) == stamp:
         return {**json.loads((out_dir / "metrics.json").read_text()), "reused": True}
@@ -146,7 +151,7 @@ def neural_run(method: str, config: str, overrides: list[str], url: str, seed: i
     cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
            "--method", method, "--seed", str(seed), "--out", str(out / "result.json"),
            *(["--settings-from", str(settings_from)] if settings_from else []), *overrides]
-    stamp = {"args": cmd[1:], "config_text": Path(config).read_text() if Path(config).exists() else ""}
+    stamp = {"args": cmd[1:], "config_text": _config_text(config)}
     done = (out / "result.json").exists() and (out / "command.json").exists()
     if reuse and done and json.loads((out / "command.json").read_text()) == stamp:
         return {**json.loads((out / "result.json").read_text()), "reused": True}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -410,24 +411,72 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 def raw_tree(path: str | None = None, overrides: list[str] | None = None) -> dict:
     """The nested dict a config is built from: the YAML file with the overrides merged in.
 
-    The training loop reads it to tell values the user set from defaults (for example `model.x_shape`,
-    which is otherwise filled from the shard manifest).
+    A file may start from another with `base: other.yaml` (a path relative to the file, or a URL): the
+    base's tree is loaded first and the file's sections are merged over it, key by key. The training
+    loop reads the tree to tell values the user set from defaults (for example `model.x_shape`, which
+    is otherwise filled from the shard manifest).
     """
-    data: dict = {}
-    if path:
-        import fsspec
-
-        try:
-            with fsspec.open(path, "r") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} not found; pass --config with an existing YAML file "
-                              "(see configs/)") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, data:, ...)")
+    data = _file_tree(path, ()) if path else {}
     return _merge(data, parse_overrides(overrides or []))
+
+
+def config_sources(path: str) -> list[str]:
+    """The config file and the files it starts from (`base:`), the file itself first."""
+    out = [path]
+    base = _read_yaml(path).get("base")
+    if base:
+        out += config_sources(_base_path(path, base))
+    return out
+
+
+def config_text(path: str) -> str:
+    """The text of a config file and of every base it starts from: what a run of it depends on."""
+    import fsspec
+
+    texts = []
+    for src in config_sources(path):
+        with fsspec.open(src, "r") as f:
+            texts.append(f.read())
+    return "\n".join(texts)
+
+
+def _base_path(path: str, base) -> str:
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path!r}: base must be the path of another config file, got {base!r}")
+    if "://" in base or os.path.isabs(base):
+        return base
+    head, sep, _ = path.rpartition("/")
+    return f"{head}{sep}{base}" if sep else base
+
+
+def _read_yaml(path: str, child: str = "") -> dict:
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        if child:
+            raise ConfigError(f"config file {path!r}, the base of {child!r}, not found; fix the base: line "
+                              f"of {child!r} (a path relative to that file)") from None
+        raise ConfigError(f"config file {path!r} not found; pass --config with an existing YAML file "
+                          "(see configs/)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def _file_tree(path: str, seen: tuple) -> dict:
+    if path in seen:
+        raise ConfigError(f"config file {path!r} is its own base (through {' -> '.join(seen)}); "
+                          "remove the loop of base: keys")
+    data = _read_yaml(path, seen[-1] if seen else "")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_file_tree(_base_path(path, base), (*seen, path)), data)
 
 
 def dump_config(cfg: Config) -> str:

@@ -68,3 +68,35 @@ def test_every_shipped_config_loads():
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_base_file_is_merged_under_the_config(tmp_path):
+    from ssl_ebm.config import config_sources, config_text
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text("model:\n  z_dim: 8\n  hidden: 50\ntrain:\n  steps: 7\n")
+    (tmp_path / "shared" / "mid.yaml").write_text("base: root.yaml\nmodel:\n  hidden: 60\n")
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text("base: shared/mid.yaml\ntrain:\n  steps: 9\n")
+    cfg = load_config(str(leaf), ["model.z_dim=4"])
+    assert (cfg.model.z_dim, cfg.model.hidden, cfg.train.steps) == (4, 60, 9)
+    assert config_sources(str(leaf))[1:] == [str(tmp_path / "shared" / "mid.yaml"),
+                                              str(tmp_path / "shared" / "root.yaml")]
+    assert "hidden: 50" in config_text(str(leaf)) and "steps: 9" in config_text(str(leaf))
+    # the same through an fsspec URL
+    url = f"file://{leaf}"
+    assert load_config(url).model.hidden == 60
+
+
+def test_bad_base_files_name_the_file(tmp_path):
+    leaf = tmp_path / "leaf.yaml"
+    leaf.write_text("base: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml', the base of .*leaf.yaml', not found; fix the base: line"):
+        load_config(str(leaf))
+    leaf.write_text("base: loop.yaml\n")
+    (tmp_path / "loop.yaml").write_text("base: leaf.yaml\n")
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config(str(leaf))
+    leaf.write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match="base must be the path of another config file"):
+        load_config(str(leaf))
