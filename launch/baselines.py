@@ -214,7 +214,8 @@ def train_neural(method: str, cfg: C.Config, url: str, seed: int, settings: dict
     steps, every = cfg.train.steps, cfg.train.eval_every or max(1, cfg.train.steps // 10)
     sqrt_d = math.sqrt(math.prod(mcfg.x_shape))
     stream = data.train_batches(url, batch_unlabelled=cfg.data.batch_unlabelled, batch_labelled=cfg.data.batch_labelled,
-                                seed=seed, shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.workers)
+                                seed=seed, shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.workers,
+                                cache_mb=cfg.data.cache_mb)
 
     def val_accuracy() -> float:
         model.eval()

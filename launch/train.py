@@ -163,7 +163,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
     stream = data.train_batches(
         url, batch_unlabelled=cfg.data.batch_unlabelled if run.ebm else 0, batch_labelled=cfg.data.batch_labelled,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
-        num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
         start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
     # offset moves when a resume changes the process count (ssl_ebm/resume.py)
     val_split = bool(manifest["splits"].get("val", {}).get("count", 0))

@@ -111,7 +111,8 @@ def run(cfg: C.Config, steps: int = 20, warmup: int = 5, end_to_end: bool = True
                eager_sampler_ms=1e3 * t_sampler_eager, eager_over_captured_step=t_step_eager / t_step)
     if url is not None:
         stream = data.train_batches(url, batch_unlabelled=bu, batch_labelled=bl, seed=cfg.train.seed,
-                                    num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer)
+                                    num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                                    cache_mb=cfg.data.cache_mb)
 
         def loaded_step():
             b = next(stream)

@@ -147,6 +147,7 @@ class DataConfig:
     eval_batch: int = 512
     shuffle_buffer: int = 1000
     workers: int = 0
+    cache_mb: int = 1024  # each reader keeps its part of the unlabelled stream in memory up to this size (0: off)
 
     def __post_init__(self) -> None:
         _check(self.batch_unlabelled >= 0 and self.batch_labelled >= 0, "data.batch_unlabelled",
@@ -155,6 +156,7 @@ class DataConfig:
                "batch_unlabelled and batch_labelled cannot both be 0")
         _check(self.eval_batch >= 1, "data.eval_batch", "must be >= 1")
         _check(self.workers >= 0, "data.workers", "must be >= 0")
+        _check(self.cache_mb >= 0, "data.cache_mb", "must be >= 0 (0 turns the in-memory cache off)")
         _check(self.num_labelled >= 1, "data.num_labelled", "must be >= 1")
         _choice(self.text, "data.text", ("counts", "embed"))
         _check(self.vocab_size >= 1, "data.vocab_size", "must be >= 1")

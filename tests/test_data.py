@@ -136,6 +136,38 @@ def test_resume_equals_the_tail_of_an_uninterrupted_stream(tmp_path, workers, to
     assert not torch.equal(other["x_u"], full[0]["x_u"])
 
 
+
+def test_the_in_memory_cache_gives_the_same_batches_and_spares_the_files(tmp_path):
+    from ssl_ebm.data import _PartCache, _shard_samples, read_manifest
+
+    url = str(tmp_path / "s")
+    build("digits", url, progress=False, shard_size=300)  # 1394 unlabelled-stream examples: ~22 batches an epoch
+    kw = dict(batch_unlabelled=64, batch_labelled=16, seed=7, shuffle_buffer=200)
+    off = take(train_batches(url, cache_mb=0, **kw), 70)  # three epochs and more
+    on = train_batches(url, **kw)
+    first = take(on, 25)  # past the first epoch: every part is held
+    for shard in Path(url).glob("*.tar"):
+        shard.unlink()
+    rest = take(on, 45)  # later epochs replay memory; the files are gone
+    for a, b in zip(off, first + rest):
+        assert all(torch.equal(a[key], b[key]) for key in ("x_u", "x_l", "y_l"))
+    with pytest.raises(DataError, match="is missing"):  # without the cache the files are needed
+        take(train_batches(url, cache_mb=0, **kw), 1)
+
+    # a budget smaller than the stream keeps the parts that fit and reads the others every time
+    build("digits", url, progress=False, shard_size=300)
+    manifest = read_manifest(url)
+    shard = manifest["splits"]["unlabelled"]["shards"][0]
+    one = [s for _, s in _shard_samples(url, shard, 0, 0, shard["count"])]
+    size = sum(len(v) for s in one for v in s.values() if isinstance(v, bytes))
+    cache = _PartCache(size + 1)
+    for _ in range(2):
+        assert [s["__key__"] for s in cache.samples(url, shard, 0, 0, shard["count"])] == [s["__key__"] for s in one]
+        assert [s["__key__"] for s in cache.samples(url, shard, 0, 0, 10)] == [s["__key__"] for s in one[:10]]
+    assert list(cache.parts) == [(shard["name"], 0, shard["count"])] and cache.held == size
+    with pytest.raises(DataError, match="cache_mb"):
+        train_batches(url, cache_mb=-1, **kw)
+
 # ----------------------------------------------------------------------------- standard shards
 
 
