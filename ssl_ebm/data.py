@@ -217,6 +217,8 @@ def _shard_samples(root: str, shard: dict, first: int, lo: int, hi: int) -> Iter
                 expected += 1
                 if expected >= hi:
                     break
+        except GeneratorExit:  # closed early, perhaps at interpreter exit when this module's names are gone
+            raise
         except DataError:
             raise
         except Exception as e:  # tarfile / webdataset errors on truncated or corrupt bytes
