@@ -418,17 +418,15 @@ def raw_tree(path: str | None = None, overrides: list[str] | None = None) -> dic
     loop reads the tree to tell values the user set from defaults (for example `model.x_shape`, which
     is otherwise filled from the shard manifest).
     """
-    data = _file_tree(path, ()) if path else {}
+    data: dict = {}
+    for _, tree in reversed(_chain(path) if path else []):  # the deepest base first, the file itself last
+        data = _merge(data, tree)
     return _merge(data, parse_overrides(overrides or []))
 
 
 def config_sources(path: str) -> list[str]:
     """The config file and the files it starts from (`base:`), the file itself first."""
-    out = [path]
-    base = _read_yaml(path).get("base")
-    if base:
-        out += config_sources(_base_path(path, base))
-    return out
+    return [src for src, _ in _chain(path)]
 
 
 def config_text(path: str) -> str:
@@ -470,15 +468,19 @@ def _read_yaml(path: str, child: str = "") -> dict:
     return data
 
 
-def _file_tree(path: str, seen: tuple) -> dict:
-    if path in seen:
-        raise ConfigError(f"config file {path!r} is its own base (through {' -> '.join(seen)}); "
-                          "remove the loop of base: keys")
-    data = _read_yaml(path, seen[-1] if seen else "")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return _merge(_file_tree(_base_path(path, base), (*seen, path)), data)
+def _chain(path: str) -> list[tuple[str, dict]]:
+    """(file, its tree without `base:`) for the config file and each base it starts from, the file first."""
+    chain: list[tuple[str, dict]] = []
+    while path is not None:
+        seen = [src for src, _ in chain]
+        if path in seen:
+            raise ConfigError(f"config file {path!r} is its own base (through {' -> '.join(seen)}); "
+                              "remove the loop of base: keys")
+        data = _read_yaml(path, seen[-1] if seen else "")
+        base = data.pop("base", None)
+        chain.append((path, data))
+        path = None if base is None else _base_path(path, base)
+    return chain
 
 
 def dump_config(cfg: Config) -> str:
