@@ -24,6 +24,11 @@ The overrides apply to ours and the network baselines alike. Training runs go --
 (each with OMP_NUM_THREADS=1). Results go to results/<name>.json, and docs/RESULTS.md is regenerated
 from every results/*.json between its reproduce markers; everything else in it is kept.
 
+--restarts R trains every network method (ours, supervised, VAT, Pi-model) R times per seed from
+different initialisations (train.seed = s + 1000 r for r = 0 .. R-1; the labelled set stays seed s's) and
+keeps, per seed and method, the run best on validation; results/<name>.json lists every restart's
+validation and test accuracy. VAT and the Pi-model restart with the setting their grid chose.
+
 --ours-from results/x.json takes ours (and supervised) from an earlier results file of the same config
 and seeds instead of training again, and adds the baselines to it. Label spreading is then always run and
 must give the earlier file's figures seed for seed: that is the check that the shards are the same.
@@ -35,6 +40,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -98,7 +104,11 @@ def parse_args(argv=None):
     p.add_argument("--ls-max-unlabelled", type=int, default=4000,
                    help="unlabelled examples label spreading sees (a random subsample; its kernel is dense)")
     p.add_argument("--reuse", action="store_true",
-                   help="keep finished runs of the work folder whose command and config file are unchanged")
+                   help="keep finished runs of the work folder whose command and config file are unchanged "
+                   "(comments aside)")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="initialisations per seed of each network method; the best on validation is kept "
+                   "(default 1)")
     p.add_argument("--note", default="", help="a note for the table row (e.g. fewer steps than the paper)")
     p.add_argument("--baselines", default="default",
                    help=f"comma list of {', '.join(BASELINES)}; 'default' = all but vat and pi; 'all' (default: default)")
@@ -121,6 +131,19 @@ def _config_text(config: str) -> str:
     return C.config_text(config) if Path(config).exists() else ""
 
 
+def _same_stamp(path: Path, stamp: dict) -> bool:
+    """Whether a finished run's command.json records this command and config (comment edits aside)."""
+    def content(text: str) -> list[str]:
+        lines = (re.sub(r"(^|\s)#.*$", "", line).rstrip() for line in text.splitlines())
+        return [line for line in lines if line]
+
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return done.get("args") == stamp["args"] and content(done.get("config_text", "")) == content(stamp["config_text"])
+
+
 def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse: bool = False) -> dict:
     """launch/train.py in a subprocess; its metrics.json (with "reused": true when --reuse found the same run).
 
@@ -130,7 +153,7 @@ def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse
            f"train.out_dir={out_dir}", "train.resume=never", "train.progress=false"]
     stamp = {"args": cmd[1:], "config_text": _config_text(config)}
     done = (out_dir / "metrics.json").exists() and (out_dir / "command.json").exists()
-    if reuse and done and json.loads((out_dir / "command.json").read_text()) == stamp:
+    if reuse and done and _same_stamp(out_dir / "command.json", stamp):
         return {**json.loads((out_dir / "metrics.json").read_text()), "reused": True}
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to resume or restore
     out_dir.mkdir(parents=True)
@@ -153,7 +176,7 @@ def neural_run(method: str, config: str, overrides: list[str], url: str, seed: i
            *(["--settings-from", str(settings_from)] if settings_from else []), *overrides]
     stamp = {"args": cmd[1:], "config_text": _config_text(config)}
     done = (out / "result.json").exists() and (out / "command.json").exists()
-    if reuse and done and json.loads((out / "command.json").read_text()) == stamp:
+    if reuse and done and _same_stamp(out / "command.json", stamp):
         return {**json.loads((out / "result.json").read_text()), "reused": True}
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -317,8 +340,32 @@ def earlier_runs(path: str, cfg: C.Config, seeds: list[int]) -> dict[int, dict]:
     return runs
 
 
+RESTART_STRIDE = 1000  # restart r of seed s trains with train.seed = s + 1000 r
+
+
+def restart_dir(work: Path, s: int, method: str, r: int) -> Path:
+    """Where restart r of `method` on seed s runs: seed{s}/{method} for the first, seed{s}/{method}-r{r} after."""
+    return work / f"seed{s}" / (method if r == 0 else f"{method}-r{r}")
+
+
+def best_restart(results: list[dict], brief) -> dict:
+    """The restart best on validation (the first on ties), with every restart's figures under "restarts"
+    when there is more than one. brief(result) -> the fields kept for the row."""
+    rows = [brief(res) for res in results]
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
+    if len(rows) == 1:
+        return rows[0]
+    return {**rows[best], "restart": best,
+            "restarts": [{k: row.get(k) for k in ("train_seed", "val_accuracy", "test_accuracy", "best_step")}
+                         for row in rows]}
+
+
 def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained: dict) -> dict:
-    """One seed's results: ours and supervised (trained now, or taken from --ours-from), then the baselines."""
+    """One seed's results: ours and supervised (trained now, or taken from --ours-from), then the baselines.
+    trained: (seed, method, restart) -> the run's result; each method keeps its restart best on validation."""
+    def restarts(method: str) -> list[dict]:
+        return [trained[k] for k in sorted(k for k in trained if k[:2] == (s, method))]
+
     if earlier is not None:
         before, now = earlier[s]["label_spreading"]["test_accuracy"], fitted["label_spreading"]["test_accuracy"]
         if abs(before - now) > 1e-9:
@@ -328,47 +375,59 @@ def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained
         run["ours"] = {**run["ours"], "from": ours_from}
     else:
         keys = ("val_accuracy", "best_step", "seconds", "recoveries", "stopped_at", "reused")
-        ours = trained[(s, "ours")]
-        run = {"ours": {k: ours.get(k) for k in keys} | {"test_accuracy": ours["test"]["accuracy"],
-                                                         "test_macro_f1": ours["test"].get("macro_f1")}}
+        run = {"ours": best_restart(restarts("ours"), lambda res: {k: res.get(k) for k in keys} | {
+            "train_seed": res.get("train_seed"), "test_accuracy": res["test"]["accuracy"],
+            "test_macro_f1": res["test"].get("macro_f1")})}
         if "supervised" in chosen:
-            sup = trained[(s, "supervised")]
-            run["supervised"] = {k: sup.get(k) for k in ("val_accuracy", "best_step", "seconds", "reused")} \
-                | {"test_accuracy": sup["test"]["accuracy"]}
+            run["supervised"] = best_restart(restarts("supervised"), lambda res: {
+                k: res.get(k) for k in ("val_accuracy", "best_step", "seconds", "reused", "train_seed")}
+                | {"test_accuracy": res["test"]["accuracy"]})
     run.update(fitted)
-    run.update({m: trained[(s, m)] for m in BL.NEURAL if (s, m) in trained})
+    run.update({m: best_restart(restarts(m), lambda res: res) for m in BL.NEURAL if (s, m, 0) in trained})
     return {"seed": s, "shards": url, **run}
 
 
 def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], urls: dict, work: Path,
                   futures: dict) -> list:
-    """(seed, method, callable) for the thread pool: the training subprocesses (ours and supervised unless
-    --ours-from gave them, then VAT / Pi-model). `futures` is where the pool's futures will be, for
-    --neural-grid first-seed: a later seed's run waits there for the first seed's grid."""
+    """(seed, method, restart, callable) for the thread pool: the training subprocesses (ours and supervised
+    unless --ours-from gave them, then VAT / Pi-model), --restarts of each. `futures` is where the pool's
+    futures will be: a later job waits there for an earlier one's result (--neural-grid first-seed: the first
+    seed's grid; a restart of VAT / Pi-model: its seed's first run, whose setting it trains again)."""
     neural_steps = [f"train.steps={args.neural_steps}"] if args.neural_steps > 0 else []
+    restarts = range(max(1, args.restarts))
 
-    def tuned(method: str, s: int) -> Path | None:
-        """--neural-grid first-seed: the first seed's result, once its grid is done (its job was queued
-        first, so it runs before this one waits), whose chosen setting seed s runs."""
-        if args.neural_grid != "first-seed" or s == seeds[0]:
+    def tuned(method: str, s: int, r: int) -> Path | None:
+        """The result.json whose chosen setting this run trains, once its job is done (it was queued
+        first, so it runs before this one waits): the seed's own first run for a restart, the first
+        seed's with --neural-grid first-seed; None to search the grid here."""
+        if r > 0:
+            source = s
+        elif args.neural_grid == "first-seed" and s != seeds[0]:
+            source = seeds[0]
+        else:
             return None
-        futures[(seeds[0], method)].result()
-        return work / f"seed{seeds[0]}" / method / "result.json"
+        futures[(source, method, 0)].result()
+        return restart_dir(work, source, method, 0) / "result.json"
 
     jobs = []
-    for s in seeds:
-        common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={s}"]
-        methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
-        for method in methods:
-            extra = ["train.method=supervised"] if method == "supervised" else []
-            out = work / f"seed{s}" / method
-            out.mkdir(parents=True, exist_ok=True)
-            jobs.append((s, method, lambda ov=[*common, *extra], out=out:
-                         train_run(args.config, ov, out, out / "train.log", args.reuse)))
-        for method in (m for m in BL.NEURAL if m in chosen):
-            jobs.append((s, method, lambda method=method, s=s: neural_run(
-                method, args.config, [*args.overrides, f"train.seed={s}", *neural_steps], urls[s], s,
-                work / f"seed{s}" / method, args.reuse, tuned(method, s))))
+    for r in restarts:  # ours and supervised first: the longest runs start first
+        for s in seeds:
+            common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}",
+                      f"train.seed={s + RESTART_STRIDE * r}"]
+            methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
+            for method in methods:
+                extra = ["train.method=supervised"] if method == "supervised" else []
+                out = restart_dir(work, s, method, r)
+                out.mkdir(parents=True, exist_ok=True)
+                jobs.append((s, method, r, lambda ov=[*common, *extra], out=out, ts=s + RESTART_STRIDE * r: {
+                    **train_run(args.config, ov, out, out / "train.log", args.reuse), "train_seed": ts}))
+    for r in restarts:
+        for s in seeds:
+            ts = s + RESTART_STRIDE * r
+            for method in (m for m in BL.NEURAL if m in chosen):
+                jobs.append((s, method, r, lambda method=method, s=s, r=r, ts=ts: {**neural_run(
+                    method, args.config, [*args.overrides, f"train.seed={ts}", *neural_steps], urls[s], ts,
+                    restart_dir(work, s, method, r), args.reuse, tuned(method, s, r)), "train_seed": ts}))
     return jobs
 
 
@@ -390,12 +449,12 @@ def reproduce(args) -> dict:
             "shards": str(shard_dir), "split_seed": s}})).data)
     manifest = data.read_manifest(urls[seeds[0]])
 
-    futures = {}  # (seed, method) -> Future, filled as the jobs are submitted
+    futures = {}  # (seed, method, restart) -> Future, filled as the jobs are submitted
     jobs = training_jobs(args, chosen, earlier is not None, seeds, urls, work, futures)
     sklearn = [m for m in BL.SKLEARN if m in chosen]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for s, m, fn in jobs:
-            futures[(s, m)] = pool.submit(fn)
+        for s, m, r, fn in jobs:
+            futures[(s, m, r)] = pool.submit(fn)
         fitted = {}  # meanwhile, here: the scikit-learn baselines
         for s in seeds:
             fitted[s] = BL.sklearn_baselines(urls[s], sklearn, s, args.ls_max_unlabelled) if sklearn else {}
@@ -410,16 +469,19 @@ def reproduce(args) -> dict:
         *(["--baselines", args.baselines] if args.baselines != "default" else []),
         *(["--ours-from", args.ours_from] if args.ours_from else []),
         *(["--neural-steps", str(args.neural_steps)] if args.neural_steps > 0 else []),
-        *(["--neural-grid", args.neural_grid] if args.neural_grid != "every-seed" else []), *args.overrides])
+        *(["--neural-grid", args.neural_grid] if args.neural_grid != "every-seed" else []),
+        *(["--restarts", str(args.restarts)] if args.restarts > 1 else []), *args.overrides])
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
-        "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg),
+        "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg) + (f", best of {args.restarts} initialisations on validation"
+                                                    if args.restarts > 1 else ""),
         "baselines": [m for m in BASELINES if all(m in r for r in runs)],
         "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
         **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},
         "paper": PAPER.get(name, ""), "note": args.note, "command": command,
         **({"neural_steps": args.neural_steps or cfg.train.steps, "neural_grid": args.neural_grid}
            if any(m in chosen for m in BL.NEURAL) else {}),
+        **({"restarts": args.restarts} if args.restarts > 1 else {}),
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0, 1), "runs": runs,
         "resolved_config": C.to_dict(cfg),
     }
@@ -445,6 +507,8 @@ def main(argv=None) -> int:
     try:
         if args.seeds < 1:
             raise C.ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+        if args.restarts < 1:
+            raise C.ConfigError(f"--restarts must be >= 1, got {args.restarts}")
         reproduce(args)
     except (C.ConfigError, data.DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

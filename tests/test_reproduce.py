@@ -98,27 +98,62 @@ def test_reproduce_every_baseline_on_the_same_shards(tmp_path):
     assert bad.returncode == 2 and "shards differ" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_reproduce_neural_grid_on_the_first_seed_only(tmp_path):
+def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     """--neural-grid first-seed: seed 0 searches the VAT grid, seed 1 runs only the setting seed 0's
-    validation chose, for --neural-steps updates."""
-    common = ["--config", str(REPO / "configs" / "digits.yaml"), "--seeds", "2", "--work", str(tmp_path / "work"),
-              "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "RESULTS.md"),
-              "--ls-max-unlabelled", "300", "--baselines", "vat", "--neural-steps", "6", "--neural-grid", "first-seed",
-              "--jobs", "2"]
+    validation chose, for --neural-steps updates. --restarts 2: ours and VAT train twice per seed from
+    different initialisations (train.seed s and s + 1000, the same labelled set) and each keeps the run
+    best on validation; VAT's restart trains its seed's chosen setting. --reuse then keeps every finished
+    run when only a comment of the config changed."""
+    config = tmp_path / "digits.yaml"
+    config.write_text((REPO / "configs" / "digits.yaml").read_text())
+    cmd = [sys.executable, str(REPO / "launch" / "reproduce.py"), "--config", str(config), "--seeds", "2",
+           "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+           "--doc", str(tmp_path / "RESULTS.md"), "--ls-max-unlabelled", "300", "--baselines", "vat",
+           "--neural-steps", "6", "--neural-grid", "first-seed", "--jobs", "2", "--restarts", "2",
+           *TINY, "train.steps=4", "train.eval_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "reproduce.py"), *common, *TINY, "train.steps=4",
-                           "train.eval_every=2"], check=False, cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "results" / "digits.json").read_text())
-    first, second = (r["vat"] for r in result["runs"])
+    work = tmp_path / "work" / "digits"
+    first, second = (json.loads((work / f"seed{s}" / "vat" / "result.json").read_text()) for s in (0, 1))
     assert len(first["candidates"]) == 6 and first["steps"] == 6
     assert len(second["candidates"]) == 1 and second["settings"] == first["settings"] and second["steps"] == 6
     assert second["settings_from"].endswith("seed0/vat/result.json")
     assert result["neural_steps"] == 6 and result["neural_grid"] == "first-seed"
-    assert "--neural-grid first-seed" in result["command"]
+    assert "--neural-grid first-seed" in result["command"] and "--restarts 2" in result["command"]
     row = next(line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if line.startswith("| digits |"))
     assert "VAT / Π-model: 6 updates, grid on seed 0 only" in row
+    assert result["restarts"] == 2 and result["variant"].endswith("best of 2 initialisations on validation")
+
+    for s, run in enumerate(result["runs"]):
+        for method in ("ours", "vat"):
+            kept, restarts = run[method], run[method]["restarts"]
+            assert [r["train_seed"] for r in restarts] == [s, s + 1000], method
+            assert kept["val_accuracy"] == max(r["val_accuracy"] for r in restarts), method
+            assert kept["test_accuracy"] == restarts[kept["restart"]]["test_accuracy"], method
+        assert f"seed: {s + 1000}" in (work / f"seed{s}" / "ours-r1" / "config.yaml").read_text()
+        assert f"split_seed: {s}" in (work / f"seed{s}" / "ours-r1" / "config.yaml").read_text()
+        restart = json.loads((work / f"seed{s}" / "vat-r1" / "result.json").read_text())
+        assert len(restart["candidates"]) == 1 and restart["settings"] == first["settings"]
+        assert restart["settings_from"].endswith(f"seed{s}/vat/result.json")
+    assert result["ours"]["values"] == [100 * r["ours"]["test_accuracy"] for r in result["runs"]]
+
+    config.write_text(config.read_text().replace("# The embedded default", "# Edited comment: the embedded default"))
+    again = subprocess.run([*cmd, "--reuse"], check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for run in json.loads((tmp_path / "results" / "digits.json").read_text())["runs"]:
+        assert run["ours"]["reused"] and run["vat"]["reused"]
+    sys.path.insert(0, str(REPO / "launch"))
+    import reproduce
+
+    done = work / "seed0" / "ours" / "command.json"
+    stamp = json.loads(done.read_text())
+    assert reproduce._same_stamp(done, stamp)
+    changed = {**stamp, "config_text": stamp["config_text"].replace("obs_sigma: 0.3", "obs_sigma: 0.5")}
+    assert not reproduce._same_stamp(done, changed)  # a real change trains again
+    assert not reproduce._same_stamp(done, {**stamp, "args": stamp["args"][:-1]})
 
 
 def test_baselines_settings_from_another_method_is_one_line(tmp_path):
