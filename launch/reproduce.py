@@ -244,6 +244,10 @@ def variant(cfg: C.Config) -> str:
     return ", ".join([*parts, f"{cfg.train.steps:,} updates"])
 
 
+def restarts_note(restarts: int) -> str:
+    return f", best of {restarts} initialisations on validation" if restarts > 1 else ""
+
+
 def summary(values: list[float]) -> dict:
     vals = [100.0 * v for v in values]
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
@@ -279,7 +283,7 @@ def render(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: r["name"]):
         note = f" ({r['note']})" if r.get("note") else ""
         if "resolved_config" in r:  # from the config itself, so that older results show the same fields
-            r["variant"] = variant(C.from_dict(C.Config, r["resolved_config"]))
+            r["variant"] = variant(C.from_dict(C.Config, r["resolved_config"])) + restarts_note(r.get("restarts", 1))
         if r.get("neural_steps"):  # the network baselines' own length and grid search
             grid = f", grid on seed {r['seeds'][0]} only" if r.get("neural_grid") == "first-seed" else ""
             note = f"; VAT / Π-model: {r['neural_steps']:,} updates{grid}" + note
@@ -473,8 +477,7 @@ def reproduce(args) -> dict:
         *(["--restarts", str(args.restarts)] if args.restarts > 1 else []), *args.overrides])
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
-        "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg) + (f", best of {args.restarts} initialisations on validation"
-                                                    if args.restarts > 1 else ""),
+        "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg) + restarts_note(args.restarts),
         "baselines": [m for m in BASELINES if all(m in r for r in runs)],
         "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
         **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},

@@ -125,6 +125,7 @@ def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     row = next(line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if line.startswith("| digits |"))
     assert "VAT / Π-model: 6 updates, grid on seed 0 only" in row
     assert result["restarts"] == 2 and result["variant"].endswith("best of 2 initialisations on validation")
+    assert "best of 2 initialisations on validation; VAT / Π-model" in row
 
     for s, run in enumerate(result["runs"]):
         for method in ("ours", "vat"):
