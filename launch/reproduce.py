@@ -477,7 +477,8 @@ def reproduce(args) -> dict:
         *(["--restarts", str(args.restarts)] if args.restarts > 1 else []), *args.overrides])
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
-        "seeds": seeds, "config": args.config, "overrides": args.overrides, "variant": variant(cfg) + restarts_note(args.restarts),
+        "seeds": seeds, "config": args.config, "overrides": args.overrides,
+        "variant": variant(cfg) + restarts_note(args.restarts),
         "baselines": [m for m in BASELINES if all(m in r for r in runs)],
         "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
         **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},
