@@ -416,14 +416,14 @@ def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], ur
     jobs = []
     for r in restarts:  # ours and supervised first: the longest runs start first
         for s in seeds:
-            common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}",
-                      f"train.seed={s + RESTART_STRIDE * r}"]
+            ts = s + RESTART_STRIDE * r
+            common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={ts}"]
             methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
             for method in methods:
                 extra = ["train.method=supervised"] if method == "supervised" else []
                 out = restart_dir(work, s, method, r)
                 out.mkdir(parents=True, exist_ok=True)
-                jobs.append((s, method, r, lambda ov=[*common, *extra], out=out, ts=s + RESTART_STRIDE * r: {
+                jobs.append((s, method, r, lambda ov=[*common, *extra], out=out, ts=ts: {
                     **train_run(args.config, ov, out, out / "train.log", args.reuse), "train_seed": ts}))
     for r in restarts:
         for s in seeds:
