@@ -238,7 +238,8 @@ def variant(cfg: C.Config) -> str:
     """The choices where the paper's text and the authors' code differ, and the run length."""
     s, m = cfg.sampler, cfg.model
     parts = [f"{'persistent' if s.persistent else 'short-run'} {s.steps} x {s.step_size:g}",
-             f"MI {m.mi_weight:g}" if m.mi_weight > 0 else "no MI", f"labelled weight {m.labelled_weight:g}"]
+             f"MI {m.mi_weight:g}" if m.mi_weight > 0 else "no MI", f"labelled weight {m.labelled_weight:g}",
+             f"prior lr {cfg.optim.lr_prior:g}"]
     if m.energy_penalty > 0:
         parts.append(f"energy penalty {m.energy_penalty:g}")
     return ", ".join([*parts, f"{cfg.train.steps:,} updates"])

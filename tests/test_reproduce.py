@@ -26,6 +26,7 @@ def test_reproduce_smoke_writes_results_and_table(tmp_path):
         assert 0.0 <= run[method]["test_accuracy"] <= 1.0, method
         assert result[method]["values"] == [100 * run[method]["test_accuracy"]]
     assert "persistent 5 x 0.6" in result["variant"] and "no MI" in result["variant"]
+    assert "prior lr 0.0003" in result["variant"]  # configs/digits.yaml's optim.lr_prior
     # all three used the one shard directory of seed 0: the same labelled examples
     shards = run["shards"]
     for method in ("ours", "supervised"):
