@@ -29,6 +29,14 @@ different initialisations (train.seed = s + 1000 r for r = 0 .. R-1; the labelle
 keeps, per seed and method, the run best on validation; results/<name>.json lists every restart's
 validation and test accuracy. VAT and the Pi-model restart with the setting their grid chose.
 
+--race N (with --restarts R) trains ours and supervised differently: each of the R initialisations for N
+updates only (train.stop_after=N; the schedule still spans train.steps), then the one best on validation at
+update N continues to train.steps from its checkpoint, exactly as that run would have gone on. R short
+tries cost (R - 1) N updates more than one run, not R runs. VAT and the Pi-model keep --restarts' full runs.
+
+--neural-from results/x.json takes VAT and the Pi-model from an earlier results file of the same config and
+seeds (its label spreading must match seed for seed, as below) instead of training them again.
+
 --ours-from results/x.json takes ours (and supervised) from an earlier results file of the same config
 and seeds instead of training again, and adds the baselines to it. Label spreading is then always run and
 must give the earlier file's figures seed for seed: that is the check that the shards are the same.
@@ -109,6 +117,11 @@ def parse_args(argv=None):
     p.add_argument("--restarts", type=int, default=1,
                    help="initialisations per seed of each network method; the best on validation is kept "
                    "(default 1)")
+    p.add_argument("--race", type=int, default=0,
+                   help="with --restarts R: train ours and supervised R times for this many updates each and "
+                   "continue only the best on validation (default 0: R full runs)")
+    p.add_argument("--neural-from", default="", help="take VAT and the Pi-model from this earlier results JSON "
+                   "(same config and seeds) instead of training them")
     p.add_argument("--note", default="", help="a note for the table row (e.g. fewer steps than the paper)")
     p.add_argument("--baselines", default="default",
                    help=f"comma list of {', '.join(BASELINES)}; 'default' = all but vat and pi; 'all' (default: default)")
@@ -144,27 +157,51 @@ def _same_stamp(path: Path, stamp: dict) -> bool:
     return done.get("args") == stamp["args"] and content(done.get("config_text", "")) == content(stamp["config_text"])
 
 
-def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse: bool = False) -> dict:
+def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse: bool = False,
+              resume: bool = False) -> dict:
     """launch/train.py in a subprocess; its metrics.json (with "reused": true when --reuse found the same run).
 
     Each run leaves command.json (its arguments and the config file's text) beside metrics.json; with
-    reuse, a finished run whose command.json matches exactly is not trained again."""
+    reuse, a finished run whose command.json matches exactly is not trained again. resume: continue the
+    run paused in out_dir (train.stop_after) instead of starting afresh; never reused."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
-           f"train.out_dir={out_dir}", "train.resume=never", "train.progress=false"]
+           f"train.out_dir={out_dir}", f"train.resume={'auto' if resume else 'never'}", "train.progress=false"]
     stamp = {"args": cmd[1:], "config_text": _config_text(config)}
     done = (out_dir / "metrics.json").exists() and (out_dir / "command.json").exists()
-    if reuse and done and _same_stamp(out_dir / "command.json", stamp):
+    if reuse and done and not resume and _same_stamp(out_dir / "command.json", stamp):
         return {**json.loads((out_dir / "metrics.json").read_text()), "reused": True}
-    shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to resume or restore
-    out_dir.mkdir(parents=True)
+    if not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to resume or restore
+        out_dir.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as f:  # log lies inside out_dir
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"training failed (exit {proc.returncode}), see {log}: {tail[0]}")
-    (out_dir / "command.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    (out_dir / ("command-resumed.json" if resume else "command.json")).write_text(json.dumps(stamp, indent=1) + "\n")
     return json.loads((out_dir / "metrics.json").read_text())
+
+
+def race_run(config: str, tries: list[tuple[int, list[str], Path]], pause: int, record: Path, reuse: bool) -> dict:
+    """--race: each (train_seed, overrides, out_dir) trains `pause` updates (train.stop_after), then the one
+    best on validation there (the first on ties) continues to train.steps. Its metrics, with "restart" (the
+    winner's index) and "race" (every try's figures at the pause). `record` keeps the whole race, reused
+    when its commands and config are unchanged."""
+    stamp = {"args": [[ts, ov, str(out)] for ts, ov, out in tries], "pause": pause, "config_text": _config_text(config)}
+    if reuse and record.exists():
+        kept = json.loads(record.read_text())
+        if kept.get("stamp") == stamp:
+            return {**kept["result"], "reused": True}
+    paused = [train_run(config, [*ov, f"train.stop_after={pause}"], out, out / "train.log") for _, ov, out in tries]
+    best = max(range(len(tries)), key=lambda i: (paused[i]["val_accuracy"], -i))
+    ts, ov, out = tries[best]
+    final = train_run(config, ov, out, out / "continue.log", resume=True)
+    result = {**final, "train_seed": ts, "restart": best, "race": [
+        {"train_seed": t[0], "val_accuracy": res["val_accuracy"], "test_accuracy": res["test"]["accuracy"],
+         "best_step": res["best_step"], "recoveries": res.get("recoveries", 0)} for t, res in zip(tries, paused)]}
+    record.write_text(json.dumps({"stamp": stamp, "result": result}, indent=1) + "\n")
+    return result
 
 
 def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, out: Path,
@@ -245,7 +282,9 @@ def variant(cfg: C.Config) -> str:
     return ", ".join([*parts, f"{cfg.train.steps:,} updates"])
 
 
-def restarts_note(restarts: int) -> str:
+def restarts_note(restarts: int, race: int = 0) -> str:
+    if restarts > 1 and race:
+        return f", {restarts} initialisations raced for {race:,} updates, the best on validation continued"
     return f", best of {restarts} initialisations on validation" if restarts > 1 else ""
 
 
@@ -284,9 +323,12 @@ def render(results: list[dict]) -> str:
     for r in sorted(results, key=lambda r: r["name"]):
         note = f" ({r['note']})" if r.get("note") else ""
         if "resolved_config" in r:  # from the config itself, so that older results show the same fields
-            r["variant"] = variant(C.from_dict(C.Config, r["resolved_config"])) + restarts_note(r.get("restarts", 1))
+            r["variant"] = (variant(C.from_dict(C.Config, r["resolved_config"]))
+                            + restarts_note(r.get("restarts", 1), r.get("race", 0)))
         if r.get("neural_steps"):  # the network baselines' own length and grid search
             grid = f", grid on seed {r['seeds'][0]} only" if r.get("neural_grid") == "first-seed" else ""
+            tries = r.get("neural_restarts", 1) if r.get("race") else 1  # else the variant's restarts say it
+            grid += restarts_note(tries)
             note = f"; VAT / Π-model: {r['neural_steps']:,} updates{grid}" + note
         name = r["name"] if r["name"] == r["dataset"] else f"{r['name']} ({r['dataset']})"
         best = best_baseline(r)
@@ -325,24 +367,40 @@ def write_doc(doc: Path, results_dir: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def earlier_runs(path: str, cfg: C.Config, seeds: list[int]) -> dict[int, dict]:
-    """The per-seed runs of an earlier results file, checked to be of this config and these seeds."""
+def earlier_results(path: str, cfg: C.Config, seeds: list[int], flag: str = "--ours-from") -> tuple[dict, dict]:
+    """An earlier results file (checked to be of this config and these seeds) and its runs by seed."""
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise C.ConfigError(f"--ours-from {path}: cannot read it as a results JSON ({e})") from None
+        raise C.ConfigError(f"{flag} {path}: cannot read it as a results JSON ({e})") from None
     try:  # fields added since then take their defaults
         same = C.to_dict(C.from_dict(C.Config, earlier["resolved_config"])) == C.to_dict(cfg)
     except (KeyError, C.ConfigError):
         same = False
     if not same:
-        raise C.ConfigError(f"--ours-from {path}: its resolved config differs from this command's; pass the "
+        raise C.ConfigError(f"{flag} {path}: its resolved config differs from this command's; pass the "
                             "config and overrides it was made with (its 'command' field)")
     runs = {r["seed"]: r for r in earlier.get("runs", [])}
     missing = [s for s in seeds if s not in runs]
     if missing:
-        raise C.ConfigError(f"--ours-from {path}: no runs for seeds {missing}; lower --seeds")
-    return runs
+        raise C.ConfigError(f"{flag} {path}: no runs for seeds {missing}; lower --seeds")
+    if any("label_spreading" not in runs[s] for s in seeds):
+        raise C.ConfigError(f"{flag} {path}: it has no label spreading figures, which check that the shards are "
+                            "the same; take it from a run that had label_spreading among its --baselines")
+    return earlier, runs
+
+
+def earlier_runs(path: str, cfg: C.Config, seeds: list[int]) -> dict[int, dict]:
+    """The per-seed runs of an earlier results file, checked to be of this config and these seeds."""
+    return earlier_results(path, cfg, seeds)[1]
+
+
+def same_shards(flag: str, path: str, s: int, earlier_seed: dict, fitted: dict) -> None:
+    """Label spreading is deterministic given the shards: a different figure means other data."""
+    before, now = earlier_seed["label_spreading"]["test_accuracy"], fitted["label_spreading"]["test_accuracy"]
+    if abs(before - now) > 1e-9:
+        raise RuntimeError(f"{flag} {path}: label spreading on seed {s} gives {now:.4f} here and {before:.4f} "
+                           f"there, so the shards differ; train those methods again without {flag}")
 
 
 RESTART_STRIDE = 1000  # restart r of seed s trains with train.seed = s + 1000 r
@@ -365,30 +423,36 @@ def best_restart(results: list[dict], brief) -> dict:
                          for row in rows]}
 
 
-def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained: dict) -> dict:
+def raced(res: dict) -> dict:
+    """A --race result's record of the race: which initialisation won, and every one's figures at the pause."""
+    return {k: res[k] for k in ("restart", "race") if k in res}
+
+
+def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained: dict, neural=None,
+             neural_from: str = "") -> dict:
     """One seed's results: ours and supervised (trained now, or taken from --ours-from), then the baselines.
     trained: (seed, method, restart) -> the run's result; each method keeps its restart best on validation."""
     def restarts(method: str) -> list[dict]:
         return [trained[k] for k in sorted(k for k in trained if k[:2] == (s, method))]
 
     if earlier is not None:
-        before, now = earlier[s]["label_spreading"]["test_accuracy"], fitted["label_spreading"]["test_accuracy"]
-        if abs(before - now) > 1e-9:
-            raise RuntimeError(f"--ours-from {ours_from}: label spreading on seed {s} gives {now:.4f} here "
-                               f"and {before:.4f} there, so the shards differ; train ours again without --ours-from")
+        same_shards("--ours-from", ours_from, s, earlier[s], fitted)
         run = {k: earlier[s][k] for k in ("ours", "supervised") if k in earlier[s]}
         run["ours"] = {**run["ours"], "from": ours_from}
     else:
         keys = ("val_accuracy", "best_step", "seconds", "recoveries", "stopped_at", "reused")
         run = {"ours": best_restart(restarts("ours"), lambda res: {k: res.get(k) for k in keys} | {
             "train_seed": res.get("train_seed"), "test_accuracy": res["test"]["accuracy"],
-            "test_macro_f1": res["test"].get("macro_f1")})}
+            "test_macro_f1": res["test"].get("macro_f1")} | raced(res))}
         if "supervised" in chosen:
             run["supervised"] = best_restart(restarts("supervised"), lambda res: {
                 k: res.get(k) for k in ("val_accuracy", "best_step", "seconds", "reused", "train_seed")}
-                | {"test_accuracy": res["test"]["accuracy"]})
+                | {"test_accuracy": res["test"]["accuracy"]} | raced(res))
     run.update(fitted)
     run.update({m: best_restart(restarts(m), lambda res: res) for m in BL.NEURAL if (s, m, 0) in trained})
+    if neural is not None:  # --neural-from
+        same_shards("--neural-from", neural_from, s, neural[s], fitted)
+        run.update({m: {**neural[s][m], "from": neural_from} for m in BL.NEURAL if m in neural[s]})
     return {"seed": s, "shards": url, **run}
 
 
@@ -415,11 +479,21 @@ def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], ur
         return restart_dir(work, source, method, 0) / "result.json"
 
     jobs = []
-    for r in restarts:  # ours and supervised first: the longest runs start first
+    methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
+    for s in seeds if args.race else ():  # --race: one job per seed and method, its tries in turn
+        for method in methods:
+            extra = ["train.method=supervised"] if method == "supervised" else []
+            tries = []
+            for r in restarts:
+                ts = s + RESTART_STRIDE * r
+                tries.append((ts, [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}",
+                                   f"train.seed={ts}", *extra], restart_dir(work, s, method, r)))
+            jobs.append((s, method, 0, lambda tries=tries, rec=work / f"seed{s}" / f"{method}-race.json": race_run(
+                args.config, tries, args.race, rec, args.reuse)))
+    for r in restarts if not args.race else ():  # ours and supervised first: the longest runs start first
         for s in seeds:
             ts = s + RESTART_STRIDE * r
             common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={ts}"]
-            methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
             for method in methods:
                 extra = ["train.method=supervised"] if method == "supervised" else []
                 out = restart_dir(work, s, method, r)
@@ -436,16 +510,37 @@ def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], ur
     return jobs
 
 
+def command_line(args) -> str:
+    """The command a results row records: what was given, defaults left out."""
+    return "python launch/reproduce.py " + " ".join(shlex.quote(a) for a in [
+        "--config", os.path.relpath(args.config, REPO) if os.path.isabs(args.config) else args.config,
+        "--seeds", str(args.seeds), *(["--name", args.name] if args.name else []),
+        *(["--baselines", args.baselines] if args.baselines != "default" else []),
+        *(["--ours-from", args.ours_from] if args.ours_from else []),
+        *(["--neural-steps", str(args.neural_steps)] if args.neural_steps > 0 else []),
+        *(["--neural-grid", args.neural_grid] if args.neural_grid != "every-seed" else []),
+        *(["--restarts", str(args.restarts)] if args.restarts > 1 else []),
+        *(["--race", str(args.race)] if args.race else []),
+        *(["--neural-from", args.neural_from] if args.neural_from else []), *args.overrides])
+
+
 def reproduce(args) -> dict:
     t0 = time.time()
     raw = C.raw_tree(args.config, args.overrides)
     cfg = C.from_dict(C.Config, raw)
     chosen = parse_baselines(args.baselines)
+    if args.race >= cfg.train.steps:
+        raise C.ConfigError(f"--race {args.race}: must be below train.steps ({cfg.train.steps}), where the winner "
+                            "continues to")
     name = args.name or Path(args.config).stem
     work = (REPO / args.work / name).resolve() if not os.path.isabs(args.work) else Path(args.work) / name
     seeds = list(range(args.seeds))
     earlier = earlier_runs(args.ours_from, cfg, seeds) if args.ours_from else None
-    if earlier is not None and "label_spreading" not in chosen:
+    neural_file, neural = earlier_results(args.neural_from, cfg, seeds, "--neural-from") if args.neural_from \
+        else ({}, None)
+    if neural is not None:
+        chosen = [m for m in chosen if m not in BL.NEURAL]  # not trained: taken from the file
+    if (earlier is not None or neural is not None) and "label_spreading" not in chosen:
         chosen = parse_baselines(",".join([*chosen, "label_spreading"]))  # it checks the shards
     urls = {}
     for s in seeds:  # one shard build per seed, shared by every method
@@ -467,26 +562,23 @@ def reproduce(args) -> dict:
                 fitted[s]["label_spreading"] = label_spreading(urls[s], s, args.ls_max_unlabelled)
         trained = {k: f.result() for k, f in futures.items()}
 
-    runs = [seed_row(s, urls[s], earlier, args.ours_from, chosen, fitted[s], trained) for s in seeds]
-    command = "python launch/reproduce.py " + " ".join(shlex.quote(a) for a in [
-        "--config", os.path.relpath(args.config, REPO) if os.path.isabs(args.config) else args.config,
-        "--seeds", str(args.seeds), *(["--name", args.name] if args.name else []),
-        *(["--baselines", args.baselines] if args.baselines != "default" else []),
-        *(["--ours-from", args.ours_from] if args.ours_from else []),
-        *(["--neural-steps", str(args.neural_steps)] if args.neural_steps > 0 else []),
-        *(["--neural-grid", args.neural_grid] if args.neural_grid != "every-seed" else []),
-        *(["--restarts", str(args.restarts)] if args.restarts > 1 else []), *args.overrides])
+    runs = [seed_row(s, urls[s], earlier, args.ours_from, chosen, fitted[s], trained, neural, args.neural_from)
+            for s in seeds]
+    command = command_line(args)
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
         "seeds": seeds, "config": args.config, "overrides": args.overrides,
-        "variant": variant(cfg) + restarts_note(args.restarts),
+        "variant": variant(cfg) + restarts_note(args.restarts, args.race),
         "baselines": [m for m in BASELINES if all(m in r for r in runs)],
         "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
         **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},
         "paper": PAPER.get(name, ""), "note": args.note, "command": command,
         **({"neural_steps": args.neural_steps or cfg.train.steps, "neural_grid": args.neural_grid}
            if any(m in chosen for m in BL.NEURAL) else {}),
+        **({k: neural_file[k] for k in ("neural_steps", "neural_grid") if k in neural_file}
+           | {"neural_restarts": neural_file.get("restarts", 1)} if neural is not None else {}),
         **({"restarts": args.restarts} if args.restarts > 1 else {}),
+        **({"race": args.race} if args.race else {}),
         "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0, 1), "runs": runs,
         "resolved_config": C.to_dict(cfg),
     }
@@ -514,6 +606,9 @@ def main(argv=None) -> int:
             raise C.ConfigError(f"--seeds must be >= 1, got {args.seeds}")
         if args.restarts < 1:
             raise C.ConfigError(f"--restarts must be >= 1, got {args.restarts}")
+        if args.race and (args.race < 0 or args.restarts < 2):
+            raise C.ConfigError(f"--race {args.race}: a race needs a positive number of updates and --restarts 2 "
+                                "or more (the initialisations that race)")
         reproduce(args)
     except (C.ConfigError, data.DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

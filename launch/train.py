@@ -168,6 +168,8 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
     # offset moves when a resume changes the process count (ssl_ebm/resume.py)
     val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
+    pause = t.stop_after if 0 < t.stop_after < end else None  # validated and checkpointed there, then finish()
+    end, done = pause or end, start
 
     for step in range(start, end):
         done = step + 1
@@ -182,9 +184,9 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
             log_step(run, done, terms, z_neg)
         if image_data and due(t.image_every, done):
             save_images(run, done, batches[-1], z_neg)
-        if val_split and due(t.eval_every, done, t.steps):
+        if val_split and due(t.eval_every, done, t.steps, pause):
             evaluate_and_keep_best(run, done)
-        if due(t.checkpoint_every, done, t.steps, state.counters.get("stopped_at")):
+        if due(t.checkpoint_every, done, t.steps, state.counters.get("stopped_at"), pause):
             checkpoint(run, done)
         if stop_requested:
             preempt(run, done)
@@ -195,7 +197,8 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
             break
     if run.progress is not None:
         run.progress.close()
-    return finish(run, manifest, t_start)
+    paused = pause is not None and done == pause and state.counters.get("stopped_at") != done
+    return finish(run, manifest, t_start, paused_at=pause if paused else None)
 
 
 def to_device(batch: dict, device, fmt: torch.memory_format) -> dict:

@@ -206,9 +206,16 @@ class TrainConfig:
     log / eval / image / checkpoint cadences, the watchdog's step numbers and early stopping all count
     updates, so a checkpoint always falls between windows and a stop signal finishes the window first.
     Under DeepSpeed, k fills the engine's gradient_accumulation_steps.
+
+    `stop_after` = N pauses a run at update N of `steps`: it validates and checkpoints there, tests the
+    checkpoint best on validation so far and writes metrics.json with "paused_at": N. The learning-rate
+    schedule still spans `steps`, so the same command with stop_after=0 and resume=auto continues the run
+    exactly where an uninterrupted one would be (`launch/reproduce.py --race` trains several
+    initialisations this way and continues the best).
     """
 
     steps: int = 1000  # optimizer updates
+    stop_after: int = 0  # pause after this many updates (0 = run to `steps`); see below
     seed: int = 0
     method: str = "ebm"  # "ebm" (Algorithm 1) or "supervised" (labelled loss only, same nets)
     mixed_precision: str = "no"  # "no" or "bf16" (autocast; the sampler stays fp32)
@@ -230,6 +237,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
+        _check(0 <= self.stop_after <= self.steps, "train.stop_after",
+               f"got {self.stop_after}; must be between 0 (run to train.steps) and train.steps ({self.steps})")
         _choice(self.method, "train.method", ("ebm", "supervised"))
         _choice(self.mixed_precision, "train.mixed_precision", ("no", "bf16"))
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")

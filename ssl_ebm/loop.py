@@ -134,8 +134,9 @@ def preempt(run: Run, done: int) -> None:
     raise Preempted()
 
 
-def finish(run: Run, manifest: dict, t_start: float) -> dict:
-    """Teardown: test the weights that were best on validation (never chosen on test); metrics.json."""
+def finish(run: Run, manifest: dict, t_start: float, paused_at: int | None = None) -> dict:
+    """Teardown: test the weights that were best on validation (never chosen on test); metrics.json.
+    paused_at: the update where train.stop_after paused the run (recorded; resume=auto continues it)."""
     cfg, acc, net, counters = run.cfg, run.state.acc, run.state.net, run.state.counters
     with runtime.full_params(acc, net):  # a cheap check that every rank ends with the same weights
         checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
@@ -148,6 +149,7 @@ def finish(run: Run, manifest: dict, t_start: float) -> dict:
                "best_step": counters["best_step"], "val_accuracy": counters["best_val"],
                "nan_skips": counters["nan_skips"], "recoveries": counters.get("recoveries", 0),
                "stopped_at": counters.get("stopped_at"), "tested_checkpoint": best,
+               **({"paused_at": paused_at} if paused_at else {}),
                "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes,
                "rank_param_checksums": checksums}
     if manifest["splits"].get("test", {}).get("count", 0):
@@ -156,7 +158,8 @@ def finish(run: Run, manifest: dict, t_start: float) -> dict:
         logs.write_json(f"{run.out_dir}/metrics.json", results)
         test_acc = results.get("test", {}).get("accuracy", float("nan"))
         print(f"{results['dataset']} {cfg.train.method}: test accuracy {test_acc:.4f} (best val "
-              f"{counters['best_val']:.4f} at step {counters['best_step']}), {cfg.train.steps} steps in "
+              f"{counters['best_val']:.4f} at step {counters['best_step']}), "
+              f"{f'paused at step {paused_at} of ' if paused_at else ''}{cfg.train.steps} steps in "
               f"{results['seconds']:.0f} s on {acc.num_processes} process(es); results in "
               f"{run.out_dir}/metrics.json", flush=True)
     acc.wait_for_everyone()  # no rank tears the process group down while another still uses it

@@ -109,8 +109,8 @@ def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     config.write_text((REPO / "configs" / "digits.yaml").read_text())
     cmd = [sys.executable, str(REPO / "launch" / "reproduce.py"), "--config", str(config), "--seeds", "2",
            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
-           "--doc", str(tmp_path / "RESULTS.md"), "--ls-max-unlabelled", "300", "--baselines", "vat",
-           "--neural-steps", "6", "--neural-grid", "first-seed", "--jobs", "2", "--restarts", "2",
+           "--doc", str(tmp_path / "RESULTS.md"), "--ls-max-unlabelled", "300", "--baselines",
+           "label_spreading,vat", "--neural-steps", "6", "--neural-grid", "first-seed", "--jobs", "2", "--restarts", "2",
            *TINY, "train.steps=4", "train.eval_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
@@ -156,6 +156,38 @@ def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     changed = {**stamp, "config_text": stamp["config_text"].replace("obs_sigma: 0.3", "obs_sigma: 0.5")}
     assert not reproduce._same_stamp(done, changed)  # a real change trains again
     assert not reproduce._same_stamp(done, {**stamp, "args": stamp["args"][:-1]})
+
+    # --race 2: ours trains both initialisations for 2 updates, continues the better one on validation to
+    # train.steps; VAT comes from the results file above (--neural-from), its shards checked by label spreading
+    earlier = tmp_path / "results" / "digits.json"
+    race = [*cmd[:cmd.index("--baselines")], "--baselines", "label_spreading", "--jobs", "2", "--restarts", "2",
+            "--race", "2", "--neural-from", str(earlier), "--name", "digits_race", *TINY, "train.steps=4",
+            "train.eval_every=2"]
+    proc = subprocess.run(race, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raced = json.loads((tmp_path / "results" / "digits_race.json").read_text())
+    assert raced["race"] == 2 and "--race 2 --neural-from" in raced["command"]
+    assert raced["variant"].endswith("2 initialisations raced for 2 updates, the best on validation continued")
+    before = json.loads(earlier.read_text())
+    for s, run in enumerate(raced["runs"]):
+        ours = run["ours"]
+        assert [t["train_seed"] for t in ours["race"]] == [s, s + 1000]
+        assert all(t["best_step"] <= 2 for t in ours["race"])
+        paused_val = [t["val_accuracy"] for t in ours["race"]]
+        assert ours["restart"] == paused_val.index(max(paused_val)) and ours["train_seed"] == s + 1000 * ours["restart"]
+        assert ours["val_accuracy"] >= max(paused_val)  # the winner's whole run, its pause included
+        winner = tmp_path / "work" / "digits_race" / f"seed{s}" / ("ours" if ours["restart"] == 0 else "ours-r1")
+        assert "at step 2" in (winner / "continue.log").read_text()
+        assert json.loads((winner / "metrics.json").read_text())["steps"] == 4 and "paused_at" not in ours
+        assert run["vat"]["test_accuracy"] == before["runs"][s]["vat"]["test_accuracy"]
+        assert run["vat"]["from"] == str(earlier)
+    row = next(line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+               if line.startswith("| digits_race (digits) |"))
+    assert "VAT / Π-model: 6 updates, grid on seed 0 only, best of 2 initialisations on validation" in row
+    at = race.index("--race") + 1
+    bad = subprocess.run([*race[:at], "4", *race[at + 1:]], check=False, cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "--race 4: must be below train.steps (4)" in bad.stderr
 
 
 def test_baselines_settings_from_another_method_is_one_line(tmp_path):

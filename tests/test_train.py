@@ -223,6 +223,20 @@ def test_grad_accum_stop_signal_finishes_the_window_then_resumes_identically(dig
     assert_same_end(accum_ref, out, 30)
 
 
+def test_stop_after_pauses_and_resume_continues_the_same_run(digits_shards, accum_ref, tmp_path):
+    """train.stop_after=15 of 30 updates: validated, checkpointed and tested there, metrics.json says so, and
+    the same command without it continues to exactly the uninterrupted run (the cosine schedule spans 30)."""
+    out = tmp_path / "paused"
+    run_train(tiny(digits_shards, out, *ACCUM, "train.stop_after=15"))  # validates at the pause all the same
+    paused = json.loads((out / "metrics.json").read_text())
+    assert paused["paused_at"] == 15 and paused["best_step"] == 15 and paused["steps"] == 30
+    assert (out / "checkpoints" / "step-000015" / "COMPLETE").exists()
+    assert not (out / "checkpoints" / "step-000020").exists()
+    run_train(tiny(digits_shards, out, *ACCUM))
+    assert "paused_at" not in json.loads((out / "metrics.json").read_text())
+    assert_same_end(accum_ref, out, 30)
+
+
 def test_grad_accum_update_is_the_mean_over_the_window(digits_shards, tmp_path):
     """The supervised loss (no negatives) is exactly comparable: 2 micro-batches of 8 labelled examples give
     the update of one batch of 16, with the gradient averaged over the window, not summed."""
@@ -301,6 +315,7 @@ def _fails(proc: subprocess.CompletedProcess, fragment: str) -> None:
 @pytest.mark.parametrize("override, fragment", [
     ("train.stpes=5", "train.stpes: unknown config key; did you mean 'train.steps'"),
     ("train.steps=five", "train.steps: expected an integer"),
+    ("train.stop_after=50000", "train.stop_after: got 50000; must be between 0"),
     ("model.encoder=vgg", "model.encoder: unknown value 'vgg'"),
 ])
 def test_bad_config_is_one_line(digits_shards, tmp_path, override, fragment):
