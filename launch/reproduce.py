@@ -390,11 +390,6 @@ def earlier_results(path: str, cfg: C.Config, seeds: list[int], flag: str = "--o
     return earlier, runs
 
 
-def earlier_runs(path: str, cfg: C.Config, seeds: list[int]) -> dict[int, dict]:
-    """The per-seed runs of an earlier results file, checked to be of this config and these seeds."""
-    return earlier_results(path, cfg, seeds)[1]
-
-
 def same_shards(flag: str, path: str, s: int, earlier_seed: dict, fitted: dict) -> None:
     """Label spreading is deterministic given the shards: a different figure means other data."""
     before, now = earlier_seed["label_spreading"]["test_accuracy"], fitted["label_spreading"]["test_accuracy"]
@@ -478,27 +473,26 @@ def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], ur
         futures[(source, method, 0)].result()
         return restart_dir(work, source, method, 0) / "result.json"
 
+    def train_overrides(s: int, ts: int, method: str) -> list[str]:
+        """launch/train.py's overrides for ours or supervised on seed s's shards with train.seed ts."""
+        return [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={ts}",
+                *(["train.method=supervised"] if method == "supervised" else [])]
+
     jobs = []
     methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
     for s in seeds if args.race else ():  # --race: one job per seed and method, its tries in turn
         for method in methods:
-            extra = ["train.method=supervised"] if method == "supervised" else []
-            tries = []
-            for r in restarts:
-                ts = s + RESTART_STRIDE * r
-                tries.append((ts, [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}",
-                                   f"train.seed={ts}", *extra], restart_dir(work, s, method, r)))
+            tries = [(s + RESTART_STRIDE * r, train_overrides(s, s + RESTART_STRIDE * r, method),
+                      restart_dir(work, s, method, r)) for r in restarts]
             jobs.append((s, method, 0, lambda tries=tries, rec=work / f"seed{s}" / f"{method}-race.json": race_run(
                 args.config, tries, args.race, rec, args.reuse)))
     for r in restarts if not args.race else ():  # ours and supervised first: the longest runs start first
         for s in seeds:
             ts = s + RESTART_STRIDE * r
-            common = [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={ts}"]
             for method in methods:
-                extra = ["train.method=supervised"] if method == "supervised" else []
                 out = restart_dir(work, s, method, r)
                 out.mkdir(parents=True, exist_ok=True)
-                jobs.append((s, method, r, lambda ov=[*common, *extra], out=out, ts=ts: {
+                jobs.append((s, method, r, lambda ov=train_overrides(s, ts, method), out=out, ts=ts: {
                     **train_run(args.config, ov, out, out / "train.log", args.reuse), "train_seed": ts}))
     for r in restarts:
         for s in seeds:
@@ -535,7 +529,7 @@ def reproduce(args) -> dict:
     name = args.name or Path(args.config).stem
     work = (REPO / args.work / name).resolve() if not os.path.isabs(args.work) else Path(args.work) / name
     seeds = list(range(args.seeds))
-    earlier = earlier_runs(args.ours_from, cfg, seeds) if args.ours_from else None
+    earlier = earlier_results(args.ours_from, cfg, seeds)[1] if args.ours_from else None
     neural_file, neural = earlier_results(args.neural_from, cfg, seeds, "--neural-from") if args.neural_from \
         else ({}, None)
     if neural is not None:
