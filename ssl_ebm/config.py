@@ -62,6 +62,9 @@ class ModelConfig:
     prior_spectral_norm: bool = False  # spectral normalisation of the prior's linear layers
     energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded); trains the prior only (z+ detached)
     mi_weight: float = 0.0  # weight of the in-batch mutual information I(y; z+) (authors' code: 100; paper: 0)
+    vat_weight: float = 0.0  # weight of a VAT smoothness term on f(mu(x)) over the unlabelled batch (not the paper; 0 = off)
+    vat_xi: float = 0.1  # VAT: finite-difference step of the power iteration
+    vat_eps: float = 0.1  # VAT: adversarial radius, times sqrt(D) (a per-feature RMS, as launch/baselines.py's VAT)
 
     def __post_init__(self) -> None:
         self.x_shape = tuple(self.x_shape)
@@ -80,6 +83,8 @@ class ModelConfig:
         _check(self.labelled_weight >= 0, "model.labelled_weight", "must be >= 0")
         _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")
         _check(self.mi_weight >= 0, "model.mi_weight", "must be >= 0 (0 turns the mutual-information term off)")
+        _check(self.vat_weight >= 0, "model.vat_weight", "must be >= 0 (0 turns the VAT term off)")
+        _check(self.vat_xi > 0 and self.vat_eps > 0, "model.vat_eps", "vat_xi and vat_eps must be > 0")
         image = len(self.x_shape) == 3
         if self.encoder in ("wrn", "conv") or self.generator == "deconv":
             _check(image, "model.x_shape",

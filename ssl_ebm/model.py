@@ -5,6 +5,9 @@ The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity 
     labelled (x, y): labelled_weight * cross_entropy(f(z+), y)
     optional:        energy_penalty * (mean F(sg(z+))^2 + mean F(z-)^2), sg = stop-gradient
     optional:        -mi_weight * I(y; z+) over the unlabelled batch (the authors' code, not the paper)
+    optional:        vat_weight * KL(p(y|x) || p(y|x + r_adv)) with p(y|x) = softmax f(mu(x)), over the
+                     unlabelled batch: virtual adversarial training's smoothness term (Miyato et al.) on our
+                     classifier, an addition to the paper's method (which its related work cites, as EBM + VAT)
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
@@ -15,10 +18,13 @@ encoder (which would otherwise be pushed towards z+ with small |F|). Sign conven
 Shapes: B unlabelled batch, M labelled batch, N negative chains, Z latent dim, K classes.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_ebm.baselines import vat_loss
 from ssl_ebm.config import ModelConfig, OptimConfig
 from ssl_ebm.likelihood import kl_to_p0, log_likelihood
 from ssl_ebm.nets import Prior, build_encoder, build_generator
@@ -100,7 +106,7 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero)
+                   acc_l=zero, mi=zero, vat=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -118,6 +124,11 @@ class LatentEBM(nn.Module):
                 mi = batch_mutual_information(self.prior(z_pos_BZ))
                 loss = loss - cfg.mi_weight * mi
                 out.update(mi=mi)
+            if cfg.vat_weight > 0:
+                vat = vat_loss(self.predict_logits, x_u, cfg.vat_xi, cfg.vat_eps * math.sqrt(x_u[0].numel()),
+                               logits_BK=self.prior(mu[:n_u]))
+                loss = loss + cfg.vat_weight * vat
+                out.update(vat=vat)
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
                        z_pos_norm=z_pos_BZ.norm(dim=1).mean(), z_neg_norm=z_neg_NZ.norm(dim=1).mean())
         if x_l is not None:

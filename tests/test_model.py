@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from pairings import PAIRINGS, tiny_config
+from ssl_ebm.baselines import vat_loss
 from ssl_ebm.config import OptimConfig
 from ssl_ebm.model import LatentEBM, batch_mutual_information
 
-KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "logvar_min",
+KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "vat", "logvar_min",
         "logvar_max"}
 
 
@@ -214,6 +215,27 @@ def test_mutual_information_term():
     assert plain["mi"] == 0 and 0 < with_mi["mi"] <= math.log(3)
     torch.testing.assert_close(with_mi["loss"], plain["loss"] - 100.0 * with_mi["mi"])
     with_mi["loss"].backward()  # the term reaches the prior's class logits
+
+
+def test_vat_term():
+    """model.vat_weight: loss = paper loss + vat_weight * KL(p(y|x_u) || p(y|x_u + r_adv)), p = softmax f(mu(x));
+    the term trains encoder and prior, never the generator."""
+    data = batch(make("mlp+mlp gaussian"), n_u=16)
+    eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
+    plain = make("mlp+mlp gaussian")(*data, eps=eps)
+    model = make("mlp+mlp gaussian", vat_weight=10.0, vat_xi=0.1, vat_eps=0.2)
+    torch.manual_seed(5)  # the power iteration's random start
+    out = model(*data, eps=eps)
+    x_u = data[0]
+    torch.manual_seed(5)
+    vat = vat_loss(model.predict_logits, x_u, 0.1, 0.2 * math.sqrt(x_u[0].numel()), logits_BK=model.predict_logits(x_u))
+    assert plain["vat"] == 0 and out["vat"] > 0
+    torch.testing.assert_close(out["vat"], vat.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + 10.0 * out["vat"])
+    vat.backward()
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
 
 
 @pytest.mark.parametrize("name", [n for n in PAIRINGS if n.startswith("wrn")])
