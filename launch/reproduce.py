@@ -367,19 +367,47 @@ def write_doc(doc: Path, results_dir: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+# What VAT and the Pi-model never read (launch/baselines.py builds the encoder and the prior MLP head from the
+# model section, trains them with Adam at optim.lr_encoder, betas and weight_decay, and draws no chains): a
+# --neural-from file may differ from this command's config here and nowhere else.
+NOT_READ_BY_NEURAL = {
+    "model": ("generator", "likelihood", "gen_channels", "sigma0", "obs_sigma", "labelled_weight", "energy_penalty",
+              "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
+    "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
+    "sampler": None, "health": None}
+
+
+def _config_differences(a: dict, b: dict, ignore: dict) -> list[str]:
+    """section.key of every value that differs between two resolved configs, but those `ignore` names
+    (a section mapped to None is ignored whole)."""
+    out = []
+    for section in sorted(set(a) | set(b)):
+        skip = ignore.get(section, ())
+        if section in ignore and skip is None:
+            continue
+        sa, sb = a.get(section, {}), b.get(section, {})
+        if not isinstance(sa, dict) or not isinstance(sb, dict):
+            out += [section] if sa != sb else []
+            continue
+        out += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if k not in skip and sa.get(k) != sb.get(k)]
+    return out
+
+
 def earlier_results(path: str, cfg: C.Config, seeds: list[int], flag: str = "--ours-from") -> tuple[dict, dict]:
-    """An earlier results file (checked to be of this config and these seeds) and its runs by seed."""
+    """An earlier results file (checked to be of this config and these seeds) and its runs by seed. For
+    --neural-from the config may differ in what VAT and the Pi-model never read (NOT_READ_BY_NEURAL)."""
     try:
         earlier = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise C.ConfigError(f"{flag} {path}: cannot read it as a results JSON ({e})") from None
     try:  # fields added since then take their defaults
-        same = C.to_dict(C.from_dict(C.Config, earlier["resolved_config"])) == C.to_dict(cfg)
+        theirs = C.to_dict(C.from_dict(C.Config, earlier["resolved_config"]))
+        differ = _config_differences(theirs, C.to_dict(cfg), NOT_READ_BY_NEURAL if flag == "--neural-from" else {})
     except (KeyError, C.ConfigError):
-        same = False
-    if not same:
-        raise C.ConfigError(f"{flag} {path}: its resolved config differs from this command's; pass the "
-                            "config and overrides it was made with (its 'command' field)")
+        differ = ["resolved_config (missing or unreadable)"]
+    if differ:
+        raise C.ConfigError(f"{flag} {path}: its resolved config differs from this command's in {', '.join(differ)}; "
+                            "pass the config and overrides it was made with (its 'command' field)")
     runs = {r["seed"]: r for r in earlier.get("runs", [])}
     missing = [s for s in seeds if s not in runs]
     if missing:

@@ -158,11 +158,12 @@ def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     assert not reproduce._same_stamp(done, {**stamp, "args": stamp["args"][:-1]})
 
     # --race 2: ours trains both initialisations for 2 updates, continues the better one on validation to
-    # train.steps; VAT comes from the results file above (--neural-from), its shards checked by label spreading
+    # train.steps; VAT comes from the results file above (--neural-from), its shards checked by label spreading.
+    # Ours adds settings VAT never reads (the VAT term of our loss, the prior's learning rate): still accepted.
     earlier = tmp_path / "results" / "digits.json"
     race = [*cmd[:cmd.index("--baselines")], "--baselines", "label_spreading", "--jobs", "2", "--restarts", "2",
             "--race", "2", "--neural-from", str(earlier), "--name", "digits_race", *TINY, "train.steps=4",
-            "train.eval_every=2"]
+            "train.eval_every=2", "model.vat_weight=1", "optim.lr_prior=2e-5"]
     proc = subprocess.run(race, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     raced = json.loads((tmp_path / "results" / "digits_race.json").read_text())
@@ -188,6 +189,10 @@ def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     bad = subprocess.run([*race[:at], "4", *race[at + 1:]], check=False, cwd=REPO, capture_output=True,
                          text=True, timeout=600, env=env)
     assert bad.returncode == 2 and "--race 4: must be below train.steps (4)" in bad.stderr
+    wider = subprocess.run([*race, "model.hidden=32", "optim.lr_encoder=1e-4"], check=False, cwd=REPO,
+                           capture_output=True, text=True, timeout=600, env=env)  # VAT's own encoder and lr differ
+    assert wider.returncode == 2 and len(wider.stderr.strip().splitlines()) == 1
+    assert "differs from this command's in model.hidden, optim.lr_encoder;" in wider.stderr
 
 
 def test_baselines_settings_from_another_method_is_one_line(tmp_path):
