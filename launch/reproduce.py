@@ -279,6 +279,8 @@ def variant(cfg: C.Config) -> str:
              f"prior lr {cfg.optim.lr_prior:g}"]
     if m.energy_penalty > 0:
         parts.append(f"energy penalty {m.energy_penalty:g}")
+    if m.vat_weight > 0:  # not the paper's method: say so in every row that has it
+        parts.append(f"+ VAT term {m.vat_weight:g} (xi {m.vat_xi:g}, eps {m.vat_eps:g})")
     return ", ".join([*parts, f"{cfg.train.steps:,} updates"])
 
 

@@ -169,6 +169,7 @@ def test_reproduce_neural_grid_on_the_first_seed_only_and_restarts(tmp_path):
     raced = json.loads((tmp_path / "results" / "digits_race.json").read_text())
     assert raced["race"] == 2 and "--race 2 --neural-from" in raced["command"]
     assert raced["variant"].endswith("2 initialisations raced for 2 updates, the best on validation continued")
+    assert "no MI, labelled weight 10, prior lr 2e-05, + VAT term 1 (xi 0.1, eps 0.1), 4 updates" in raced["variant"]
     before = json.loads(earlier.read_text())
     for s, run in enumerate(raced["runs"]):
         ours = run["ours"]
