@@ -89,9 +89,12 @@ def test_a_batch_part_the_method_needs_cannot_be_zero(digits_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_together(digits_shards, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["model.vat_weight=1"]], ids=["paper", "vat_term"])
+def test_two_processes_train_together(digits_shards, tmp_path, extra):
+    """Two DDP processes end with the same weights; the VAT term's power iteration (a gradient inside the
+    forward) keeps them so too."""
     out = tmp_path / "ddp"
-    run_train(tiny(digits_shards, out, "train.steps=20", "train.checkpoint_every=10"), nproc=2)
+    run_train(tiny(digits_shards, out, "train.steps=20", "train.checkpoint_every=10", *extra), nproc=2)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["processes"] == 2
     a, b = metrics["rank_param_checksums"]
