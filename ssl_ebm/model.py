@@ -59,6 +59,24 @@ class LatentEBM(nn.Module):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, self.cfg.x_shape))})"
                              " from model.x_shape")
 
+    def _present_parts(self, x_u, x_l, y_l, z_neg):
+        """forward's inputs with empty batches turned into None, after checking that they fit together."""
+        if x_l is not None and y_l is not None and x_l.shape[0] == 0 == y_l.shape[0]:
+            x_l = y_l = None
+        if x_u is not None and x_u.shape[0] == 0:
+            x_u = z_neg = None
+        if x_u is None and x_l is None:
+            raise ValueError("forward needs a non-empty unlabelled x_u (with z_neg), labelled x_l (with y_l), or both")
+        if (x_l is None) != (y_l is None):
+            raise ValueError("pass labelled x_l and y_l together")
+        if x_u is not None and z_neg is None:
+            raise ValueError("x_u needs negative samples z_neg (draw them with langevin.sample_negatives)")
+        if x_u is not None:
+            self._check_x(x_u, "x_u")
+        if x_l is not None:
+            self._check_x(x_l, "x_l")
+        return x_u, x_l, y_l, z_neg
+
     def forward(self, x_u: torch.Tensor | None = None, x_l: torch.Tensor | None = None,
                 y_l: torch.Tensor | None = None, z_neg: torch.Tensor | None = None,
                 eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -75,23 +93,8 @@ class LatentEBM(nn.Module):
         ((B + M, Z), for [x_u; x_l]) to supply that noise instead, e.g. to compare two computations.
         """
         cfg = self.cfg
-        if x_l is not None and y_l is not None and x_l.shape[0] == 0 == y_l.shape[0]:
-            x_l = y_l = None
-        if x_u is not None and x_u.shape[0] == 0:
-            x_u = z_neg = None
-        if x_u is None and x_l is None:
-            raise ValueError("forward needs a non-empty unlabelled x_u (with z_neg), labelled x_l (with y_l), or both")
-        if (x_l is None) != (y_l is None):
-            raise ValueError("pass labelled x_l and y_l together")
-        if x_u is not None and z_neg is None:
-            raise ValueError("x_u needs negative samples z_neg (draw them with langevin.sample_negatives)")
-        xs = []
-        if x_u is not None:
-            self._check_x(x_u, "x_u")
-            xs.append(x_u)
-        if x_l is not None:
-            self._check_x(x_l, "x_l")
-            xs.append(x_l)
+        x_u, x_l, y_l, z_neg = self._present_parts(x_u, x_l, y_l, z_neg)
+        xs = [x for x in (x_u, x_l) if x is not None]
         n_u = 0 if x_u is None else x_u.shape[0]
 
         # Algorithm 1, step 3: z+ ~ q(z|x) by the reparameterisation trick; losses in fp32.
