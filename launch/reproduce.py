@@ -306,6 +306,11 @@ def best_baseline(r: dict) -> tuple[str, dict] | None:
     return max(ran, key=lambda kv: kv[1]["mean"]) if ran else None
 
 
+# Means within this many points count as level: accuracies are float32, so two methods with the same
+# number of correct test examples can differ in the sixth digit (shuttle: 95.3793108 against 95.3793097).
+TIE_POINTS = 1e-3
+
+
 def verdict(r: dict) -> str:
     best = best_baseline(r)
     if best is None:
@@ -313,6 +318,8 @@ def verdict(r: dict) -> str:
     name, s = best
     ran = sum(1 for n in BASELINES if r.get(n))
     of = f"the best of the {ran} baselines run" if ran < len(BASELINES) else "the best baseline"
+    if abs(r["ours"]["mean"] - s["mean"]) < TIE_POINTS:  # the same number of test examples right: not a win
+        return f"**level with {BL.NAMES[name]}** ({of}; the same mean)"
     if r["ours"]["mean"] > s["mean"]:
         return f"beats {of} ({BL.NAMES[name]})"
     return f"**does not beat {BL.NAMES[name]}** ({of})"

@@ -211,3 +211,16 @@ def test_reproduce_unknown_baseline_is_one_line(tmp_path):
                            str(REPO / "configs" / "digits.yaml"), "--baselines", "lr,svm"], check=False, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "'svm'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_verdict_counts_a_float_difference_as_level_not_a_win():
+    sys.path.insert(0, str(REPO / "launch"))
+    import reproduce
+
+    def row(ours, vat):
+        return {"ours": {"mean": ours}, "vat": {"mean": vat}, "rf": {"mean": 50.0}}
+
+    # shuttle's 5-seed row: the same test examples right, float32 rounding apart
+    assert reproduce.verdict(row(95.37931084632874, 95.37930965423584)).startswith("**level with VAT**")
+    assert reproduce.verdict(row(95.5, 95.4)).startswith("beats the best of the 2 baselines run (VAT)")
+    assert reproduce.verdict(row(95.3, 95.4)).startswith("**does not beat VAT**")
