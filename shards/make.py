@@ -13,6 +13,7 @@ One example is one group of tar members sharing a key, its index within its spli
     00000042.npy        images: uint8 (H, W, C) .npy (the default; --image-format png writes
                         00000042.png, and cifar10_jpeg can keep its own JPEG bytes as 00000042.jpg);
                         vectors: float32 (D,) .npy, standardised with the training pool's mean and std
+                        (--features quantile: through its rank-Gauss map first; ssl_ebm/features.py)
     00000042.bow.npy    word counts: int32 (2, n) .npy, sorted word ids (row 0) and counts (row 1)
     00000042.cls        the class index as decimal text (in every split; the loaders never hand out
                         the labels of the unlabelled stream)
@@ -33,7 +34,8 @@ manifest.json (format_version 1):
     return), num_classes, class_names, x_field ("npy" | "png" | "jpg" | "bow.npy"), label_field
     ("cls"), stored_shape / stored_dtype (of x_field: [H, W, C] uint8 | [D] float32 | [2, -1] int32),
     splits: {split: {count, class_counts (by class index), shards: [{name, count, sha256}]}},
-    unlabelled_stream (the splits that feed it), normalisation (vectors: mean and std per feature),
+    unlabelled_stream (the splits that feed it), normalisation (vectors: method, mean and std per
+    feature, and for "quantile" the levels and each feature's quantiles),
     vocab (counts: the words, by id; else null), seed, protocol (what was applied: num_labelled,
     balance, num_val, test_fraction, balanced_by_truncation, target_bins), source (files read,
     split_parts: the source part ("train" | "test" | "all") each split's rows index, feature_names),
@@ -56,6 +58,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from shards import sources, text
+from ssl_ebm import features
 from ssl_ebm.data import read_manifest
 from ssl_ebm.shard_format import BUILD_HINT, FORMAT_VERSION, LABEL_FIELD, MANIFEST, SPLITS, DataError, locate, url_to_fs
 
@@ -68,6 +71,7 @@ OPTIONS: dict[str, Any] = {
     "image_format": "npy",  # "npy" (raw uint8), "png", or "jpg" (cifar10_jpeg's own bytes)
     "text": "counts",  # text datasets: "counts" (bag of words) or "embed" (sentence embeddings)
     "vocab_size": 30_000,  # most frequent training words kept for "counts"
+    "features": "standard",  # vectors: "standard" (mean / std) or "quantile" (rank-Gauss), ssl_ebm/features.py
     "label_column": "",  # table / hf_disk: the label column ("" = "label")
     "feature_columns": "",  # table / hf_disk: comma-separated feature columns ("" = all others)
     "text_column": "",  # table / hf_disk: a text column (makes a text dataset)
@@ -94,6 +98,7 @@ def _options(options: dict) -> dict:
     need(opts["image_format"] in ("npy", "png", "jpg"), "image_format", "use 'npy', 'png' or 'jpg'")
     need(opts["text"] in ("counts", "embed"), "text", "use 'counts' or 'embed'")
     need(isinstance(opts["vocab_size"], int) and opts["vocab_size"] >= 1, "vocab_size", "must be an integer >= 1")
+    need(opts["features"] in features.METHODS, "features", f"use one of {', '.join(map(repr, features.METHODS))}")
     return opts
 
 
@@ -228,13 +233,11 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _standardise(x: dict[str, np.ndarray], plan: Plan) -> tuple[dict[str, np.ndarray], dict]:
+def _scale(x: dict[str, np.ndarray], plan: Plan, method: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Every part's vectors in model units, by `method` fitted on the training pool (ssl_ebm/features.py)."""
     pool = np.concatenate([plan.splits["labelled"][1], plan.splits["unlabelled"][1]])
-    train = np.asarray(x[plan.train_part], dtype=np.float64)[pool]
-    mean, std = train.mean(0), train.std(0)
-    std = np.where(std > 1e-12, std, 1.0)  # constant features stay constant (0) instead of dividing by 0
-    out = {p: ((np.asarray(v, dtype=np.float64) - mean) / std).astype(np.float32) for p, v in x.items()}
-    return out, {"mean": mean.tolist(), "std": std.tolist(), "from": "labelled + unlabelled (the training pool)"}
+    norm = features.fit(np.asarray(x[plan.train_part], dtype=np.float64)[pool], method)
+    return {p: features.to_model(v, norm) for p, v in x.items()}, norm
 
 
 @dataclass
@@ -277,7 +280,7 @@ def _encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
                 raise DataError(f"{', '.join(src.files)}: {int(bad.sum())} non-finite feature value(s) (NaN or inf) "
                                 f"in {len(np.unique(rows))} row(s) of part {part!r}, the first at row {rows[0]}, "
                                 f"column {column}; drop or impute them in the source, then build again")
-    x, normalisation = _standardise(x, plan)
+    x, normalisation = _scale(x, plan, opts["features"])
     dim = x[plan.train_part].shape[1]
     return Encoding("vector", "npy", [dim], [dim], "float32", lambda part, row: _npy(x[part][row]), normalisation,
                     extra={**(extra or {}), "feature_names": src.feature_names})
@@ -445,7 +448,13 @@ def ensure(data_cfg: Any) -> str:
         raise DataError(f"cannot reach {url}: {type(e).__name__}: {e}. Check the URL, the bucket, "
                         "credentials and the network") from None
     if exists:
-        read_manifest(url)
+        manifest = read_manifest(url)
+        built = (manifest.get("normalisation") or {}).get("method", "standard")
+        wanted = getattr(data_cfg, "features", "standard")
+        if data_cfg.dataset and manifest["kind"] == "vector" and built != wanted:
+            raise DataError(f"the shards at {url} were built with features {built!r}, but data.features is "
+                            f"{wanted!r}: point data.shards at a new directory to build them with {wanted!r}, "
+                            f"or set data.features={built}")
         return url
     if not data_cfg.dataset:
         raise DataError(f"no shards at {url} and data.dataset is empty: build them with "
@@ -453,7 +462,7 @@ def ensure(data_cfg: Any) -> str:
                         "them on first use")
     build(data_cfg.dataset, url, source=data_cfg.source, num_labelled=data_cfg.num_labelled,
           seed=data_cfg.split_seed, text=getattr(data_cfg, "text", "counts"),
-          vocab_size=getattr(data_cfg, "vocab_size", 30_000))
+          vocab_size=getattr(data_cfg, "vocab_size", 30_000), features=getattr(data_cfg, "features", "standard"))
     return url
 
 
@@ -475,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-format", choices=("npy", "png", "jpg"), default="npy")
     p.add_argument("--text", choices=("counts", "embed"), default="counts")
     p.add_argument("--vocab-size", type=int, default=OPTIONS["vocab_size"])
+    p.add_argument("--features", choices=features.METHODS, default=OPTIONS["features"],
+                   help="vector features: standardised, or rank-Gauss (quantile) then standardised")
     p.add_argument("--label-column", default="")
     p.add_argument("--feature-columns", default="", help="comma-separated")
     p.add_argument("--text-column", default="")
@@ -485,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = build(a.dataset, a.out, a.source, a.num_labelled, a.seed, shard_size=a.shard_size,
                          num_val=a.num_val, test_fraction=a.test_fraction, balance=a.balance,
                          labelled_in_unlabelled=not a.labelled_not_unlabelled, image_format=a.image_format,
-                         text=a.text, vocab_size=a.vocab_size, label_column=a.label_column,
+                         text=a.text, vocab_size=a.vocab_size, features=a.features, label_column=a.label_column,
                          feature_columns=a.feature_columns, text_column=a.text_column, image_mode=a.image_mode,
                          progress=not a.no_progress)
     except DataError as e:

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from ssl_ebm import config as C
+from ssl_ebm import features
 from ssl_ebm.langevin import langevin
 from ssl_ebm.likelihood import kl_to_p0, log_likelihood
 from ssl_ebm.model import LatentEBM
@@ -243,10 +244,10 @@ class Model:
         else:
             if x.ndim != 2 or x.shape[1] != shape[0]:
                 raise ModelError(f"x has shape {x.shape}; expected (N, {shape[0]}) for this model")
-            x = x.astype(np.float32)
-            norm = self.manifest.get("normalisation") or {}
-            if self.kind == "vector" and "mean" in norm:
-                x = (x - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)
+            if self.kind == "vector" and not np.isfinite(x).all():  # before scaling: quantiles clip inf
+                raise ModelError("x holds NaN or infinite values")
+            x = features.to_model(x, self.manifest.get("normalisation") or {}) if self.kind == "vector" \
+                else x.astype(np.float32)
         if not np.isfinite(x).all():
             raise ModelError("x holds NaN or infinite values")
         return torch.from_numpy(x).to(self.device)
@@ -259,10 +260,7 @@ class Model:
             return x_model.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
         if self.kind == "counts":
             return torch.softmax(x_model, dim=-1)
-        norm = self.manifest.get("normalisation") or {}
-        if "mean" in norm:
-            return x_model * torch.tensor(norm["std"], dtype=torch.float32) + torch.tensor(norm["mean"], dtype=torch.float32)
-        return x_model
+        return torch.from_numpy(features.to_data(x_model.numpy(), self.manifest.get("normalisation") or {})).float()
 
     def _batches(self, x):
         x = self.to_model_units(x)
@@ -394,9 +392,8 @@ def read_examples(url: str, split: str = "test", limit: int = 0) -> tuple[torch.
         x, y = x[:limit], y[:limit]
     if manifest["kind"] == "image":
         return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous(), y
-    norm = manifest.get("normalisation") or {}
-    if manifest["kind"] == "vector" and "mean" in norm:
-        x = x.double() * torch.tensor(norm["std"], dtype=torch.float64) + torch.tensor(norm["mean"], dtype=torch.float64)
+    if manifest["kind"] == "vector":
+        x = torch.from_numpy(features.to_data(x.numpy(), manifest.get("normalisation") or {}))
     return x, y
 
 

@@ -146,6 +146,7 @@ class DataConfig:
     num_labelled: int = 100  # labelled examples, used when building shards
     text: str = "counts"  # text datasets, when building shards: "counts" (unigram) or "embed" (sentence embeddings)
     vocab_size: int = 30_000  # text "counts", when building shards: most frequent training words kept
+    features: str = "standard"  # vectors, when building shards: "standard" or "quantile" (ssl_ebm/features.py)
     split_seed: int = 0  # seed of the labelled/unlabelled/validation split
     batch_unlabelled: int = 128
     batch_labelled: int = 32
@@ -165,6 +166,7 @@ class DataConfig:
         _check(self.num_labelled >= 1, "data.num_labelled", "must be >= 1")
         _choice(self.text, "data.text", ("counts", "embed"))
         _check(self.vocab_size >= 1, "data.vocab_size", "must be >= 1")
+        _choice(self.features, "data.features", ("standard", "quantile"))
 
 
 @dataclass
