@@ -281,6 +281,8 @@ def variant(cfg: C.Config) -> str:
         parts.append(f"energy penalty {m.energy_penalty:g}")
     if m.vat_weight > 0:  # not the paper's method: say so in every row that has it
         parts.append(f"+ VAT term {m.vat_weight:g} (xi {m.vat_xi:g}, eps {m.vat_eps:g})")
+    if cfg.data.features != "standard":  # every method of the row reads the same scaled shards
+        parts.append(f"{cfg.data.features} features")
     return ", ".join([*parts, f"{cfg.train.steps:,} updates"])
 
 

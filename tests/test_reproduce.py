@@ -224,3 +224,13 @@ def test_verdict_counts_a_float_difference_as_level_not_a_win():
     assert reproduce.verdict(row(95.37931084632874, 95.37930965423584)).startswith("**level with VAT**")
     assert reproduce.verdict(row(95.5, 95.4)).startswith("beats the best of the 2 baselines run (VAT)")
     assert reproduce.verdict(row(95.3, 95.4)).startswith("**does not beat VAT**")
+
+
+def test_variant_names_the_feature_scaling():
+    sys.path.insert(0, str(REPO / "launch"))
+    import reproduce
+    from ssl_ebm import config as C
+
+    spambase = C.load_config(str(REPO / "configs" / "spambase.yaml"))
+    assert reproduce.variant(spambase).endswith(", quantile features, 4,000 updates")
+    assert "features" not in reproduce.variant(C.load_config(str(REPO / "configs" / "magic_gamma.yaml")))
