@@ -72,14 +72,17 @@ class TrainingState:
 
     @classmethod
     def create(cls, cfg: C.Config, acc, memory_format=torch.contiguous_format) -> "TrainingState":
-        """Identical initial weights on every rank (seeded by train.seed), then per-rank noise."""
+        """Identical initial weights on every rank (seeded by train.seed), then per-rank noise. The weights take
+        `memory_format` (channels_last for image nets on GPU), except under DeepSpeed, whose engine needs them
+        contiguous."""
         runtime.seed_everything(cfg.train.seed)
         model = LatentEBM(cfg.model)
         bank = None
         if cfg.train.method == "ebm" and cfg.sampler.persistent:
             bank = ChainBank(cfg.sampler.bank_size, cfg.model.z_dim, cfg.model.sigma0, device=acc.device,
                              seed=cfg.train.seed * 100_003 + acc.process_index)
-        model = model.to(memory_format=memory_format)
+        if not runtime.uses_deepspeed(acc):  # DeepSpeed broadcasts and flattens parameters as contiguous bytes
+            model = model.to(memory_format=memory_format)
         optimizer = torch.optim.Adam(model.param_groups(cfg.optim), betas=cfg.optim.betas,
                                      weight_decay=cfg.optim.weight_decay,  # fused: one kernel per group on GPU
                                      fused=acc.device.type == "cuda" and not runtime.uses_deepspeed(acc))

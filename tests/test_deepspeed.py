@@ -242,3 +242,18 @@ def test_zero_checkpoint_resumes_only_as_it_was_saved(tmp_path, saved, here):
     # Only the process count differs: the message says how to convert (DeepSpeed's universal checkpoint).
     converts = "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in str(refused.value)
     assert converts == (saved[0] == here[0]), str(refused.value)
+
+
+def test_channels_last_weights_stay_contiguous_under_deepspeed(tmp_path):
+    """On GPU image nets are channels_last; DeepSpeed broadcasts and flattens each parameter as contiguous
+    bytes, which a channels_last weight is not ("self.stride(-1) must be 1 to view Float as Byte", seen on
+    an H200). Under DeepSpeed the weights stay contiguous (the batches may still be channels_last)."""
+    out = tmp_path / "state.json"
+    run_train([str(out)], launcher=zero("zero2.yaml"), script=REPO / "tests" / "scripts" / "channels_last_state.py")
+    got = json.loads(out.read_text())
+    assert got["deepspeed"] and got["conv_weights"] > 0 and got["contiguous"], got
+    assert math.isfinite(got["loss"])
+    # without DeepSpeed the same call keeps channels_last, as asked
+    run_train([str(out)], script=REPO / "tests" / "scripts" / "channels_last_state.py")
+    got = json.loads(out.read_text())
+    assert not got["deepspeed"] and got["channels_last"] and not got["contiguous"], got
