@@ -97,7 +97,7 @@ def window_mean(seen: list[dict]) -> dict:
 
 
 def update(run: Run, done: int) -> None:
-    """The update at the window's end: gradient metrics, clipping, optimizer, one schedule step."""
+    """The update at the window's end: gradient metrics, clipping, optimizer, one schedule step, the average."""
     cfg, state, acc = run.cfg, run.state, run.state.acc
     assert acc.sync_gradients, "the update must fall on the window's last micro-batch"
     if run.monitor.due(done):
@@ -107,6 +107,8 @@ def update(run: Run, done: int) -> None:
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(state.net)
 
 
 def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:

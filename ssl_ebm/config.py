@@ -241,6 +241,7 @@ class TrainConfig:
     cpu_threads: int = 0  # torch intra-op threads on CPU (0 = torch's default); small MLPs run fastest on 1
     channels_last: bool = True  # on GPU, image nets and batches in channels_last memory format
     log_with: str = "tensorboard"  # Accelerate tracker(s), comma-separated: tensorboard, mlflow, wandb, ...; "none"
+    ema_decay: float = 0.0  # > 0: validate, keep and test an exponential moving average of the weights (ssl_ebm/ema.py)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -251,6 +252,8 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
         _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0 = torch's default)")
         _check(self.keep_last >= 1, "train.keep_last", "must be >= 1")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay",
+               f"got {self.ema_decay}; must be in [0, 1): 0 = off, e.g. 0.999 to average over ~1,000 updates")
         _choice(self.on_nan, "train.on_nan", ("stop", "skip"))
         _check(bool(self.log_with.strip()), "train.log_with",
                'empty; name an Accelerate tracker (tensorboard, mlflow, wandb, ...) or "none"')

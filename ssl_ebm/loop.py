@@ -3,7 +3,8 @@ the periodic actions the loop calls after each step, in this order:
 
     log_step                every train.log_every steps and at the last: losses, LR, health -> log.jsonl, TensorBoard
     save_images             every train.image_every steps (image data): inputs, reconstructions, prior samples
-    evaluate_and_keep_best  every train.eval_every steps and at the last: validation, best-<step>, early stopping
+    evaluate_and_keep_best  every train.eval_every steps and at the last: validation (of the weights' average
+                            under train.ema_decay), best-<step>, early stopping
     checkpoint              every train.checkpoint_every steps, at the last and at an early stop: step-<step>
     preempt                 on a stop signal (SLURM): checkpoint, then Preempted (exit status 75: requeue me)
 
@@ -12,6 +13,7 @@ and `finish`, the teardown: the test split on the weights best on validation, me
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -93,12 +95,15 @@ def save_images(run: Run, done: int, batch: dict, z_neg) -> None:
                 logs.save_png(f"{run.out_dir}/images/{kind}-{done:06d}.png", logs.image_grid(imgs))
 
 
-def run_eval(run: Run, split: str) -> dict:
+def run_eval(run: Run, split: str, averaged: bool = True) -> dict:
+    """Accuracy on `split`; with train.ema_decay, of the averaged weights unless `averaged` is False (the
+    weights in the model as they are: the teardown's, loaded from a best-* that already holds the average)."""
     acc, net, cfg = run.state.acc, run.state.net, run.cfg
     net.eval()
     batches = data.eval_batches(run.url, split, batch_size=cfg.data.eval_batch, rank=acc.process_index,
                                 world_size=acc.num_processes, num_workers=cfg.data.workers)
-    with acc.autocast(), runtime.full_params(acc, net):
+    weights = run.state.averaged() if averaged else contextlib.nullcontext()
+    with weights, acc.autocast(), runtime.full_params(acc, net):
         out = evaluate(net.predict_logits, batches, cfg.model.num_classes, acc.device)
     net.train()
     return out
@@ -107,6 +112,8 @@ def run_eval(run: Run, split: str) -> dict:
 def evaluate_and_keep_best(run: Run, done: int) -> None:
     """Validation; a new best is saved as best-<step>; early stopping counts passes without one."""
     val, counters = health.val_record(run_eval(run, "val")), run.state.counters
+    if run.state.ema is not None:  # the trained weights beside the average, for the log
+        val["val_accuracy_trained"] = run_eval(run, "val", averaged=False)["accuracy"]
     run.state.acc.log({f"val/{k.removeprefix('val_')}": v for k, v in val.items()}, step=done)
     if run.jsonl is not None:
         run.jsonl.write({"step": done, **val})
@@ -114,7 +121,8 @@ def evaluate_and_keep_best(run: Run, done: int) -> None:
     improved = val["val_accuracy"] > counters["best_val"]
     if improved:
         counters.update(best_val=val["val_accuracy"], best_step=done)
-        run.state.save(run.store, "best", done)
+        with run.state.averaged():  # best-* holds the weights just validated
+            run.state.save(run.store, "best", done)
     if health.early_stop(run.cfg.health, counters, improved):  # model selection on validation only
         counters["stopped_at"] = done
 
@@ -153,7 +161,7 @@ def finish(run: Run, manifest: dict, t_start: float, paused_at: int | None = Non
                "seconds": round(time.time() - t_start, 1), "processes": acc.num_processes,
                "rank_param_checksums": checksums}
     if manifest["splits"].get("test", {}).get("count", 0):
-        results["test"] = run_eval(run, "test")
+        results["test"] = run_eval(run, "test", averaged=best is None)  # best-* holds the average already
     if acc.is_main_process:
         logs.write_json(f"{run.out_dir}/metrics.json", results)
         test_acc = results.get("test", {}).get("accuracy", float("nan"))

@@ -7,7 +7,9 @@
 
 What one checkpoint directory holds (the files are the store's business, checkpoint.py):
 
-    model.pt         full weights of the one module (gathered under ZeRO-3)
+    model.pt         full weights of the one module (gathered under ZeRO-3); in best-* under train.ema_decay,
+                     the averaged weights (the ones validated, and tested at the end)
+    ema.pt           under train.ema_decay: the moving average of the weights (ssl_ebm/ema.py)
     optimizer.pt     optimizer (None under DeepSpeed: the engine's files hold it) and LR schedule
     deepspeed/...    under ZeRO: every rank's engine shards, as `engine.save_checkpoint` wrote them
     rank-00000.pt    one per process: its persistent chains and RNG states
@@ -19,6 +21,7 @@ The schedule is a LambdaLR stepped once per optimizer update; its factor is `lr_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ import torch
 from ssl_ebm import config as C
 from ssl_ebm import runtime
 from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
+from ssl_ebm.ema import WeightAverage
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import ChainBank
 from ssl_ebm.model import LatentEBM
@@ -69,6 +73,7 @@ class TrainingState:
     cfg: C.Config
     counters: dict = field(default_factory=new_counters)
     elastic: str | None = None  # what the last load did with chains saved by another process count
+    ema: WeightAverage | None = None  # train.ema_decay > 0: the weights' moving average, for evaluation
 
     @classmethod
     def create(cls, cfg: C.Config, acc, memory_format=torch.contiguous_format) -> "TrainingState":
@@ -89,7 +94,13 @@ class TrainingState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.train.steps))
         model, optimizer = acc.prepare(model, optimizer)
         runtime.seed_everything(cfg.train.seed * 7919 + acc.process_index + 1)  # per-rank noise
-        return cls(acc, model, optimizer, scheduler, bank, cfg)
+        ema = None
+        if cfg.train.ema_decay > 0:
+            if runtime.zero_stage(acc) == 3:
+                raise C.ConfigError("train.ema_decay: the weight average needs every weight on every rank, which "
+                                    "ZeRO-3 partitions; set train.ema_decay=0 or use ZeRO-2")
+            ema = WeightAverage(acc.unwrap_model(model), cfg.train.ema_decay)
+        return cls(acc, model, optimizer, scheduler, bank, cfg, ema=ema)
 
     @cached_property
     def net(self) -> LatentEBM:
@@ -115,6 +126,8 @@ class TrainingState:
             store.write_torch(name, "model.pt", weights)
             store.write_torch(name, "optimizer.pt", {"optimizer": None if stage else self.optimizer.state_dict(),
                                                      "scheduler": self.scheduler.state_dict()})
+            if self.ema is not None:
+                store.write_torch(name, "ema.pt", self.ema.state_dict())
             store.write_bytes(name, "config.yaml", C.dump_config(self.cfg).encode())
             meta = {**self.counters, "step": step, **extra}
             store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes, "zero_stage": stage})
@@ -144,8 +157,17 @@ class TrainingState:
             self.net.load_state_dict(store.read_torch(name, "model.pt"))
             self.optimizer.load_state_dict(opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
+        if self.ema is not None:  # a checkpoint saved without an average starts one from its weights
+            if store.exists(name, "ema.pt"):
+                self.ema.load_state_dict(store.read_torch(name, "ema.pt"))
+            else:
+                self.ema.reset(self.net)
         self._load_rank_state(store, name, meta["world_size"], meta["step"])
         return meta
+
+    def averaged(self):
+        """A context with the averaged weights in the model (train.ema_decay), or the trained ones as they are."""
+        return self.ema.applied(self.net) if self.ema is not None else contextlib.nullcontext()
 
     def resume(self, store: CheckpointStore, name: str) -> int:
         """Continue from checkpoint `name`: everything `load` restores, and its counters; returns the step."""

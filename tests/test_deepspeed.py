@@ -257,3 +257,19 @@ def test_channels_last_weights_stay_contiguous_under_deepspeed(tmp_path):
     run_train([str(out)], script=REPO / "tests" / "scripts" / "channels_last_state.py")
     got = json.loads(out.read_text())
     assert not got["deepspeed"] and got["channels_last"] and not got["contiguous"], got
+
+
+def test_zero2_keeps_a_weight_average_and_zero3_refuses_one_in_one_line(digits_shards, zero3_json, tmp_path):
+    """Under ZeRO-2 every rank holds every weight, so the average works as under DDP: best-* holds it, the
+    step checkpoints carry it. ZeRO-3 partitions the weights; asking for an average there is one line."""
+    out = tmp_path / "zero2_ema"
+    run_train(args(digits_shards, out, "train.steps=10", "train.ema_decay=0.9"), nproc=2, launcher=zero("zero2.yaml"))
+    ckpt = out / "checkpoints"
+    average = torch.load(ckpt / "step-000010" / "ema.pt", weights_only=True)
+    assert average["updates"] == 10
+    best = torch.load(ckpt / "best-000010" / "model.pt", weights_only=True)
+    assert all(torch.equal(best[k], average["shadow"][k]) for k in best)
+    proc = run_train(args(digits_shards, tmp_path / "zero3_ema", "train.ema_decay=0.9"), nproc=2,
+                     launcher=zero("zero3.yaml", zero3_json), check=False)
+    assert proc.returncode != 0
+    assert "train.ema_decay: the weight average needs every weight on every rank" in proc.stderr
