@@ -45,15 +45,19 @@ manifest.json (format_version 1):
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import io
 import json
+import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 from webdataset import TarWriter
 
@@ -61,6 +65,8 @@ from shards import sources, text
 from ssl_ebm import features
 from ssl_ebm.data import read_manifest
 from ssl_ebm.shard_format import BUILD_HINT, FORMAT_VERSION, LABEL_FIELD, MANIFEST, SPLITS, DataError, locate, url_to_fs
+
+LOCK_FILE = ".build.lock"  # in a local shard directory: the lock of ensure's builders (build_lock)
 
 OPTIONS: dict[str, Any] = {
     "shard_size": 5000,  # examples per shard
@@ -433,14 +439,42 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
 
 
 
+@contextmanager
+def build_lock(url: str):
+    """An exclusive lock on `<url>/.build.lock` for the block, when `url` is a local directory: the runs that
+    would build the same shards take turns (POSIX record locks, which NFS and Lustre clients honour).
+    Object stores have no locks: build the shards once (`python -m shards.make`) before launching a sweep."""
+    fs, root = url_to_fs(url) if url else (None, "")
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    try:
+        os.makedirs(root, exist_ok=True)
+        f = open(os.path.join(root, LOCK_FILE), "a")
+    except OSError as e:
+        raise DataError(f"cannot write to {url}: {type(e).__name__}: {e}. Check the path and its permissions") from None
+    with f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
 def ensure(data_cfg: Any) -> str:
     """The shard URL of `data_cfg` (a config.DataConfig), building the shards there first if they are
     missing and data_cfg.dataset names a source. Call it on one process first; the build writes the
-    manifest last, so an interrupted build never looks complete."""
+    manifest last, so an interrupted build never looks complete. Separate runs that share a local shard
+    directory (a sweep, SLURM array tasks) take turns: one builds, the others wait and then read."""
     url = data_cfg.shards
     if not url:
         raise DataError("data.shards is empty: set it to the URL of a shard directory (built by "
                         "`python -m shards.make`, or built there on first use when data.dataset is set)")
+    with build_lock(url if data_cfg.dataset else ""):
+        return _ensure(data_cfg, url)
+
+
+def _ensure(data_cfg: Any, url: str) -> str:
     fs, path = url_to_fs(locate(url)[1])
     try:
         exists = fs.exists(path)

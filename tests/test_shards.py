@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import REPO
 from shard_files import (
     SHARED, ag_news_rows, balanced_labels, images, jpeg_npz, read_split, standardised, tabular_npz, tar_gz,
     to_uint8_hwc, write_ag_csv, write_casp, write_cifar_python, write_hepmass, write_idx, write_miniboone, write_svhn,
@@ -654,3 +658,25 @@ def test_ensure_builds_once_and_explains_what_is_missing(tmp_path, monkeypatch):
         ensure(DataConfig(shards=str(tmp_path / "nothing")))
     with pytest.raises(DataError, match="data.shards is empty"):
         ensure(DataConfig(dataset="digits"))
+
+
+def test_runs_sharing_a_shard_directory_take_turns_to_build_it(tmp_path):
+    """While one run holds the build lock (here: this test, building), another run's ensure waits; then it
+    finds the finished shards and reads them, without building again."""
+    url = str(tmp_path / "shared_digits")
+    code = ("from shards.make import ensure; from ssl_ebm.config import DataConfig; print('ready', flush=True); "
+            f"print(ensure(DataConfig(shards={url!r}, dataset='digits', num_labelled=50)))")
+    with make.build_lock(url):
+        waiting = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert waiting.stdout.readline().strip() == "ready"  # imports done: it goes for the lock
+        time.sleep(3.0)  # building digits alone takes well under a second
+        assert waiting.poll() is None, waiting.communicate()
+        build("digits", url, num_labelled=50, progress=False)
+        built = (tmp_path / "shared_digits" / "manifest.json").stat().st_mtime_ns
+    out, err = waiting.communicate(timeout=120)
+    assert waiting.returncode == 0, err
+    assert out.strip().splitlines()[-1] == url
+    assert f"digits -> {url}" not in err  # no build progress: it only read
+    assert (tmp_path / "shared_digits" / "manifest.json").stat().st_mtime_ns == built  # read, not rebuilt
+    assert read_manifest(url)["splits"]["labelled"]["count"] == 50
