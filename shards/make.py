@@ -435,8 +435,7 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
     return manifest
 
 
-# ----------------------------------------------------------------------------- command line
-
+# ----------------------------------------------------------------------------- building on first use
 
 
 @contextmanager
@@ -498,6 +497,9 @@ def _ensure(data_cfg: Any, url: str) -> str:
           seed=data_cfg.split_seed, text=getattr(data_cfg, "text", "counts"),
           vocab_size=getattr(data_cfg, "vocab_size", 30_000), features=getattr(data_cfg, "features", "standard"))
     return url
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:
