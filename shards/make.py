@@ -52,7 +52,7 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -443,7 +443,7 @@ def build_lock(url: str):
     """An exclusive lock on `<url>/.build.lock` for the block, when `url` is a local directory: the runs that
     would build the same shards take turns (POSIX record locks, which NFS and Lustre clients honour).
     Object stores have no locks: build the shards once (`python -m shards.make`) before launching a sweep."""
-    fs, root = url_to_fs(url) if url else (None, "")
+    fs, root = url_to_fs(url)
     if not isinstance(fs, LocalFileSystem):
         yield
         return
@@ -469,7 +469,7 @@ def ensure(data_cfg: Any) -> str:
     if not url:
         raise DataError("data.shards is empty: set it to the URL of a shard directory (built by "
                         "`python -m shards.make`, or built there on first use when data.dataset is set)")
-    with build_lock(url if data_cfg.dataset else ""):
+    with build_lock(url) if data_cfg.dataset else nullcontext():  # without a source, nothing to build
         return _ensure(data_cfg, url)
 
 

@@ -33,6 +33,7 @@ def _choice(value: str, path: str, choices: tuple[str, ...]) -> None:
 ENCODERS = ("wrn", "conv", "mlp")
 GENERATORS = ("deconv", "mlp")
 LIKELIHOODS = ("gaussian", "multinomial")
+FEATURE_SCALINGS = ("standard", "quantile")  # vector data (ssl_ebm/features.py)
 ACTIVATIONS = ("gelu", "relu", "leaky_relu", "elu", "silu", "tanh")
 DECONV_SIZES = (28, 32)  # image sizes (H = W) the 4-layer deconvolutional generator produces
 
@@ -166,7 +167,7 @@ class DataConfig:
         _check(self.num_labelled >= 1, "data.num_labelled", "must be >= 1")
         _choice(self.text, "data.text", ("counts", "embed"))
         _check(self.vocab_size >= 1, "data.vocab_size", "must be >= 1")
-        _choice(self.features, "data.features", ("standard", "quantile"))
+        _choice(self.features, "data.features", FEATURE_SCALINGS)
 
 
 @dataclass

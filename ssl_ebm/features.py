@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-METHODS = ("standard", "quantile")
+from ssl_ebm.config import FEATURE_SCALINGS as METHODS
 LEVELS = 256  # quantile levels stored per feature (fewer when the training pool is smaller)
 
 
