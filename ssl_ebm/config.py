@@ -243,6 +243,10 @@ class TrainConfig:
     channels_last: bool = True  # on GPU, image nets and batches in channels_last memory format
     log_with: str = "tensorboard"  # Accelerate tracker(s), comma-separated: tensorboard, mlflow, wandb, ...; "none"
     ema_decay: float = 0.0  # > 0: validate, keep and test an exponential moving average of the weights (ssl_ebm/ema.py)
+    # Which weights are tested at the end: "val" = those best on the validation split (passes every eval_every
+    # updates and at the end); "final" = the weights at the end of training (their average with ema_decay),
+    # and the validation split is never opened: what a user with only the labelled examples can do.
+    select: str = "val"
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -256,6 +260,7 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay",
                f"got {self.ema_decay}; must be in [0, 1): 0 = off, e.g. 0.999 to average over ~1,000 updates")
         _choice(self.on_nan, "train.on_nan", ("stop", "skip"))
+        _choice(self.select, "train.select", ("val", "final"))
         _check(bool(self.log_with.strip()), "train.log_with",
                'empty; name an Accelerate tracker (tensorboard, mlflow, wandb, ...) or "none"')
         for name in ("checkpoint_every", "log_every", "eval_every", "image_every"):
@@ -310,6 +315,9 @@ class Config:
         _check(self.health.patience == 0 or self.train.eval_every > 0, "health.patience",
                "early stopping counts validation passes, but train.eval_every is 0 (validation only at the "
                "end); set train.eval_every or health.patience=0")
+        _check(self.health.patience == 0 or self.train.select == "val", "health.patience",
+               "early stopping counts validation passes, but train.select is 'final' (the validation split is "
+               "never opened); set health.patience=0")
 
 
 # ----------------------------------------------------------------------------- loading
