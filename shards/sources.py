@@ -13,13 +13,6 @@ Parts: "train" and "test" when the format comes with an official split; "all" wh
     svhn           folder: train_32x32.mat, test_32x32.mat     1000 / 7325 / official (64,932 unlabelled)
     ag_news        folder: Zhang train.csv, test.csv           200 / 5000 / official
                    or one Zhang CSV (.csv.gz): its own task    200 / 10% / 20%
-<<<<<<< HEAD
-    miniboone      MiniBooNE_PID.txt                           20 / 10% / 20%, classes cut to equal size
-    hepmass        folder: 1000_train.csv, 1000_test.csv       20 / 10% / official
-    protein        CASP.csv                                    100 / 10% / 20%; RMSD in 10 quantile classes
-    mnist          folder of the official IDX .gz files        100 / 5000 / official (54,900 unlabelled)
-                   (shared/data/mnist), or its 10k .npz subset 100 / 1000 / official
-=======
     miniboone      MiniBooNE_PID.txt                           20 / 678 / 10%, classes cut to equal size:
                                                                65,000 unlabelled, as the paper
     hepmass        folder: 1000_train.csv, 1000_test.csv       20 / 14,000 / official; 140,000 unlabelled
@@ -27,8 +20,8 @@ Parts: "train" and "test" when the format comes with an official split; "all" wh
     protein        CASP.csv                                    100 / 10% / 10%; RMSD in 10 quantile classes;
                                                                validation rows also unlabelled: 41,057
                                                                unlabelled, as the paper
-    mnist          shared/data mnist_train10k_test10k.npz      100 / 1000 / official
->>>>>>> accuracy
+    mnist          folder of the official IDX .gz files        100 / 5000 / official (54,900 unlabelled)
+                   (shared/data/mnist), or its 10k .npz subset 100 / 1000 / official
     cifar10_jpeg   shared/data cifar10_jpeg_q75.npz            4000 / 5000 / official
     magic_gamma, letter, satimage, shuttle, spambase           20, 260, 60, 35, 20 / 10% / official
                    shared/data <name>.npz
