@@ -34,6 +34,9 @@ ENCODERS = ("wrn", "conv", "mlp")
 GENERATORS = ("deconv", "mlp")
 LIKELIHOODS = ("gaussian", "multinomial")
 FEATURE_SCALINGS = ("standard", "quantile")  # vector data (ssl_ebm/features.py)
+TABLE_DATASETS = ("table", "hf_disk")  # the shard sources that read columns (shards/sources.py)
+TABLE_OPTIONS = ("label_column", "feature_columns", "categorical_columns", "drop_columns", "na_values", "separator",
+                 "text_column")  # data.* options of those sources only
 ACTIVATIONS = ("gelu", "relu", "leaky_relu", "elu", "silu", "tanh")
 DECONV_SIZES = (28, 32)  # image sizes (H = W) the 4-layer deconvolutional generator produces
 
@@ -139,15 +142,29 @@ class SamplerConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards are, and how batches are drawn from them."""
+    """Where the shards are, and how batches are drawn from them.
+
+    The fields from `dataset` to `text_column` say how to build the shards when they are missing (the
+    options of `python -m shards.make`, under the same names); shards that exist must have been built with
+    the same ones, or the run stops naming the option that differs. The column options are for
+    `dataset: table` (a CSV or parquet file) and `hf_disk`; shards/make.py says how tables are encoded.
+    """
 
     shards: str = ""  # fsspec URL of a shard directory holding manifest.json
     dataset: str = ""  # if set and the shards are missing, build them from this source first
     source: str = ""  # path of the source files for `dataset` (unused for digits)
     num_labelled: int = 100  # labelled examples, used when building shards
+    balance: str = "balanced"  # the labelled set: "balanced" (equal per class) or "stratified" (a rare class)
     text: str = "counts"  # text datasets, when building shards: "counts" (unigram) or "embed" (sentence embeddings)
     vocab_size: int = 30_000  # text "counts", when building shards: most frequent training words kept
     features: str = "standard"  # vectors, when building shards: "standard" or "quantile" (ssl_ebm/features.py)
+    label_column: str = ""  # tables: the label column ("" = "label")
+    feature_columns: tuple[str, ...] = ()  # tables: the feature columns (empty = all but the label)
+    categorical_columns: tuple[str, ...] = ()  # tables: columns one-hot encoded besides the string ones
+    drop_columns: tuple[str, ...] = ()  # tables: columns left out of the features (e.g. one that leaks the label)
+    na_values: tuple[str, ...] = ()  # tables: values that mean "missing" besides empty cells, e.g. [unknown, "?"]
+    separator: str = ""  # tables: the CSV field separator ("" = detected from the file)
+    text_column: str = ""  # tables: a text column (makes a text dataset)
     split_seed: int = 0  # seed of the labelled/unlabelled/validation split
     batch_unlabelled: int = 128
     batch_labelled: int = 32
@@ -168,6 +185,16 @@ class DataConfig:
         _choice(self.text, "data.text", ("counts", "embed"))
         _check(self.vocab_size >= 1, "data.vocab_size", "must be >= 1")
         _choice(self.features, "data.features", FEATURE_SCALINGS)
+        _choice(self.balance, "data.balance", ("balanced", "stratified"))
+        table_options = [k for k in TABLE_OPTIONS if getattr(self, k)]
+        _check(not table_options or self.dataset in ("", *TABLE_DATASETS), f"data.{(table_options or [''])[0]}",
+               f"is for data.dataset {' or '.join(TABLE_DATASETS)} (a CSV/parquet file or a saved Hugging Face "
+               f"dataset); {self.dataset!r} reads its own files: remove it")
+        both = sorted(set(self.drop_columns) & (set(self.categorical_columns) | set(self.feature_columns)))
+        _check(not both, "data.drop_columns", f"{both} also named in data.categorical_columns or "
+               "data.feature_columns; name each column in one of them")
+        _check(not self.label_column or self.label_column not in self.drop_columns, "data.drop_columns",
+               f"holds the label column {self.label_column!r}; remove it")
 
 
 @dataclass
