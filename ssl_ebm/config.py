@@ -32,7 +32,7 @@ def _choice(value: str, path: str, choices: tuple[str, ...]) -> None:
 
 ENCODERS = ("wrn", "conv", "mlp")
 GENERATORS = ("deconv", "mlp")
-LIKELIHOODS = ("gaussian", "multinomial")
+LIKELIHOODS = ("gaussian", "multinomial", "mixed")
 FEATURE_SCALINGS = ("standard", "quantile")  # vector data (ssl_ebm/features.py)
 TABLE_DATASETS = ("table", "hf_disk")  # the shard sources that read columns (shards/sources.py)
 TABLE_OPTIONS = ("label_column", "feature_columns", "categorical_columns", "drop_columns", "na_values", "separator",
@@ -47,7 +47,10 @@ class ModelConfig:
 
     encoder: str = "mlp"  # q(z|x): "wrn" (Wide-ResNet, images), "conv" (small conv net, images) or "mlp" (vectors)
     generator: str = "mlp"  # p(x|z): "deconv" (4-layer, images) or "mlp" (vectors)
-    likelihood: str = "gaussian"  # "gaussian" (fixed obs_sigma) or "multinomial" (word counts)
+    likelihood: str = "gaussian"  # "gaussian" (fixed obs_sigma), "multinomial" (word counts) or "mixed" (tables)
+    # "mixed": the (start, size) of each one-hot block of a table's vector, categorical there and Gaussian on
+    # the other columns; launch/train.py fills it from the shard manifest's "columns" unless the config sets it
+    categorical_blocks: tuple[tuple[int, int], ...] = ()
     x_shape: tuple[int, ...] = (64,)  # (D,) for vectors, (C, H, W) for images
     num_classes: int = 10  # K, the number of symbols y
     z_dim: int = 20  # d, the latent dimension
@@ -112,6 +115,13 @@ class ModelConfig:
             _check(self.wrn_width >= 1, "model.wrn_width", "must be >= 1")
         if self.likelihood == "multinomial":
             _check(not image, "model.likelihood", "the multinomial likelihood is for word-count vectors [V]")
+        if self.likelihood == "mixed":
+            _check(not image, "model.likelihood", "the mixed likelihood is for table vectors [D]")
+            ends = sorted(self.categorical_blocks)
+            _check(all(s >= 0 and n >= 2 and s + n <= self.x_shape[0] for s, n in ends)
+                   and all(a + n <= b for (a, n), (b, _) in zip(ends, ends[1:])), "model.categorical_blocks",
+                   f"got {[list(b) for b in self.categorical_blocks]}; each block [start, size] needs size >= 2, "
+                   f"the blocks must not overlap and must lie inside the {self.x_shape[0]} columns")
 
 
 @dataclass

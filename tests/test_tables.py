@@ -258,3 +258,19 @@ def test_bank_marketing_config_builds_from_the_original_csv(tmp_path):
     assert sum(info["count"] for info in m["splits"].values()) == 45_211
     x, _, _ = read_split(ensure(cfg.data), "labelled")
     assert set(np.unique(x[:, 6:])) <= {0.0, 1.0} and (x[:, 6:].sum(1) == 9).all()  # one slot per block
+
+
+def test_the_mixed_likelihood_takes_its_blocks_from_a_table_manifest_and_trains(tmp_path):
+    import yaml
+
+    from conftest import TINY
+
+    source = write_csv(tmp_path / "t.csv.gz", bank_like(160, 0), HEADER)
+    out = tmp_path / "run"
+    run_train(["--config", str(REPO / "configs" / "tabular.yaml"), *TINY, f"data.shards={tmp_path / 'shards'}",
+               "data.dataset=table", f"data.source={source}", "data.label_column=y", "data.na_values=[unknown]",
+               "data.num_labelled=10", "data.batch_labelled=10", "model.likelihood=mixed", "train.steps=6",
+               "train.eval_every=3", "train.checkpoint_every=0", f"train.out_dir={out}", "train.log_with=none"])
+    model = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    blocks = [[b["start"], b["size"]] for b in read_manifest(str(tmp_path / "shards"))["columns"]["categorical"]]
+    assert model["likelihood"] == "mixed" and model["categorical_blocks"] == blocks == [[4, 5], [9, 3]]
