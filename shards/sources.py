@@ -643,7 +643,8 @@ def _from_frames(frames: dict[str, Any], opts: dict, where: str, class_names: li
         xs = {p: df[text].astype(str).tolist() for p, df in frames.items()}
         return Source("text", xs, y, names, [where])
     first_col = first[features[0]]
-    if len(features) == 1 and len(first_col) and first_col.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).all():
+    vectors = first_col.map(lambda v: isinstance(v, (list, tuple, np.ndarray)))
+    if len(features) == 1 and len(first_col) and vectors.all():
         xs = {p: np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in df[features[0]]]).astype(np.float32)
               for p, df in frames.items()}  # one column of vectors (an embedding)
         return Source("vector", xs, y, names, [where], feature_names=features)
@@ -745,7 +746,8 @@ def read_hf_disk(source: str, opts: dict) -> Source:
     image_cols = [c for c in (features or first.column_names) if isinstance(first.features.get(c), datasets.Image)]
     if image_cols and not opts.get("text_column"):
         if len(image_cols) != 1:
-            raise DataError(f"{path}: several image columns {image_cols}; pick one with {option(opts, 'feature_columns')}")
+            raise DataError(f"{path}: several image columns {image_cols}; pick one with "
+                            f"{option(opts, 'feature_columns')}")
         xs = {}
         for part, d in parts.items():
             images = [np.asarray(im) for im in d[image_cols[0]]]

@@ -50,7 +50,8 @@ def _gaussian(x_BD: torch.Tensor, out_BD: torch.Tensor, obs_sigma: float) -> tor
 
 def categorical_blocks(manifest: dict) -> tuple[tuple[int, int], ...]:
     """The (start, size) of each one-hot block of a table's shards (the manifest's "columns"), for "mixed"."""
-    blocks = tuple((int(b["start"]), int(b["size"])) for b in ((manifest.get("columns") or {}).get("categorical") or []))
+    categorical = (manifest.get("columns") or {}).get("categorical") or []
+    blocks = tuple((int(b["start"]), int(b["size"])) for b in categorical)
     if not blocks:
         raise ConfigError(f"model.likelihood: 'mixed' is for tables with categorical columns, but the shards of "
                           f"dataset {manifest.get('dataset')!r} have none; use likelihood 'gaussian'")
