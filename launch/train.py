@@ -24,6 +24,7 @@ from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
+from ssl_ebm.likelihood import categorical_blocks
 from ssl_ebm.loop import (Preempted, Run, checkpoint, due, evaluate_and_keep_best, finish, log_step, preempt,
                           save_images)
 from ssl_ebm.resume import start_or_resume
@@ -41,6 +42,8 @@ def fill_from_manifest(cfg: C.Config, raw: dict, manifest: dict) -> C.Config:
     """Take the data's shape and class count from the manifest unless the config states them."""
     stated = raw.get("model", {})
     fields = {"x_shape": tuple(manifest["x_shape"]), "num_classes": int(manifest["num_classes"])}
+    if cfg.model.likelihood == "mixed":  # a table's one-hot blocks: categorical under the mixed likelihood
+        fields["categorical_blocks"] = categorical_blocks(manifest)
     for key, value in fields.items():
         if key in stated and getattr(cfg.model, key) != value:
             raise C.ConfigError(f"model.{key}: config says {getattr(cfg.model, key)} but the shards at "
