@@ -183,6 +183,32 @@ def profiled(fn, steps: int, device: torch.device, model: torch.nn.Module) -> di
 # ----------------------------------------------------------------------------- the benchmark
 
 
+def _device_batch(m: C.ModelConfig, bu: int, bl: int, device: torch.device, fmt: torch.memory_format):
+    """A synthetic batch already on the device (x_u, x_l, y_l), shaped and laid out as training's."""
+    x_u = torch.randn(bu, *m.x_shape, device=device).tanh()
+    x_l = torch.randn(bl, *m.x_shape, device=device).tanh()
+    if m.likelihood == "multinomial":
+        x_u, x_l = x_u.abs().round(), x_l.abs().round()
+    if len(m.x_shape) == 3:
+        x_u, x_l = x_u.contiguous(memory_format=fmt), x_l.contiguous(memory_format=fmt)
+    return x_u, x_l, torch.randint(0, m.num_classes, (bl,), device=device)
+
+
+def _fed_by_the_pipeline(cfg: C.Config, url: str, device: torch.device, fmt: torch.memory_format, step):
+    """`step(x_u, x_l, y_l)` fed as training feeds it: the shard readers, then data.DeviceBatches."""
+    stream = data.DeviceBatches(data.train_batches(
+        url, batch_unlabelled=cfg.data.batch_unlabelled, batch_labelled=cfg.data.batch_labelled,
+        seed=cfg.train.seed, num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+        cache_mb=cfg.data.cache_mb, uint8_images=True), device, fmt)
+
+    def loaded_step():
+        with record_function("data"):
+            batch = next(stream)
+        step(batch["x_u"], batch["x_l"], batch["y_l"])
+
+    return loaded_step
+
+
 def run(cfg: C.Config, steps: int = 200, warmup: int = 20, end_to_end: bool = True, repeats: int = 3,
         profile_steps: int = 10, eager: bool = True) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,13 +231,7 @@ def run(cfg: C.Config, steps: int = 200, warmup: int = 20, end_to_end: bool = Tr
     optimizer = torch.optim.Adam(model.param_groups(cfg.optim), betas=cfg.optim.betas,
                                  fused=device.type == "cuda")
     bank = ChainBank(s.bank_size, m.z_dim, m.sigma0, device=device, seed=cfg.train.seed)
-    x_u = torch.randn(bu, *m.x_shape, device=device).tanh()
-    x_l = torch.randn(bl, *m.x_shape, device=device).tanh()
-    if m.likelihood == "multinomial":
-        x_u, x_l = x_u.abs().round(), x_l.abs().round()
-    if image:
-        x_u, x_l = x_u.contiguous(memory_format=fmt), x_l.contiguous(memory_format=fmt)
-    y_l = torch.randint(0, m.num_classes, (bl,), device=device)
+    x_u, x_l, y_l = _device_batch(m, bu, bl, device, fmt)
     n = s.num_chains or bu
     captured = CapturedLangevin(model.prior, enabled=s.cuda_graph)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16")
@@ -251,21 +271,11 @@ def run(cfg: C.Config, steps: int = 200, warmup: int = 20, end_to_end: bool = Tr
         out["eager_over_captured_step"] = statistics.median(t_step_eager) / statistics.median(t_step)
     timed_step = lambda: step(captured)  # noqa: E731 - what the profiler records without shards
     if url is not None:
-        stream = data.DeviceBatches(data.train_batches(
-            url, batch_unlabelled=bu, batch_labelled=bl, seed=cfg.train.seed, num_workers=cfg.data.workers,
-            shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb, uint8_images=True), device, fmt)
-
-        def loaded_step():
-            with record_function("data"):
-                b = next(stream)
-            step(captured, b["x_u"], b["x_l"], b["y_l"])
-
-        t_e2e = _repeated(loaded_step, steps, repeats, warmup, device)
-        out.update(_figure("end_to_end_step", t_e2e))
-        out.update(end_to_end_samples_per_s=(bu + bl) / statistics.median(t_e2e),
+        timed_step = _fed_by_the_pipeline(cfg, url, device, fmt, lambda *batch: step(captured, *batch))
+        t_e2e = _repeated(timed_step, steps, repeats, warmup, device)
+        out.update(**_figure("end_to_end_step", t_e2e), end_to_end_samples_per_s=(bu + bl) / statistics.median(t_e2e),
                    end_to_end_over_step=statistics.median(t_step) / statistics.median(t_e2e),
                    loader_workers=cfg.data.workers)
-        timed_step = loaded_step
     if profile_steps:
         out["profile"] = {"end_to_end": url is not None, **profiled(timed_step, profile_steps, device, model)}
     out["peak_memory_mb"] = _peak_memory_mb(device)
