@@ -148,8 +148,8 @@ def breakdown(events, steps: int, cuda: bool) -> dict:
         if part is None:
             continue
         host[part] += e.self_cpu_time_total
-        if cuda:
-            device[part] += getattr(e, "self_device_time_total", 0.0)
+        if cuda:  # self_cuda_time_total in older torch
+            device[part] += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
     order = ["data", "sampler", *(f"{n}_forward" for n in NETS), "other_forward", "health_check",
              *(f"{n}_backward" for n in NETS), "other_backward", "optimizer"]
     parts = {}
