@@ -165,12 +165,14 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
               fmt, progress_bar(acc, cfg, start))
     if cfg.health.watchdog and start == 0:  # somewhere for the watchdog to go back to before the first checkpoint
         state.save(store, "step", 0)
-    stream = data.train_batches(
+    # start_step counts micro-batches; data_offset moves when a resume changes the process count (resume.py).
+    # The batches reach the device one step ahead: copied, and images made float, while a step runs.
+    stream = data.DeviceBatches(data.train_batches(
         url, batch_unlabelled=cfg.data.batch_unlabelled if run.ebm else 0, batch_labelled=cfg.data.batch_labelled,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
-        start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
-    # offset moves when a resume changes the process count (ssl_ebm/resume.py)
+        start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0), uint8_images=True),
+        acc.device, fmt)
     # train.select=final: the validation split is never opened (no passes, no best-*, no early stopping)
     val_split = cfg.train.select == "val" and bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
@@ -181,7 +183,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         done = step + 1
         if before_step is not None:
             before_step(done, state)
-        batches = [to_device(next(stream), acc.device, fmt) for _ in range(cfg.train.grad_accum)]
+        batches = [next(stream) for _ in range(cfg.train.grad_accum)]
         terms, z_neg, stop_requested = train_step(run, batches, done)
         run.n_log += 1
         if run.progress is not None:
@@ -205,11 +207,6 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         run.progress.close()
     paused = pause is not None and done == pause and state.counters.get("stopped_at") != done
     return finish(run, manifest, t_start, paused_at=pause if paused else None)
-
-
-def to_device(batch: dict, device, fmt: torch.memory_format) -> dict:
-    return {k: v.to(device, non_blocking=True, memory_format=fmt) if v.dim() == 4 else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
 
 
 def progress_bar(acc, cfg: C.Config, start: int):
