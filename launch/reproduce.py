@@ -44,7 +44,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -125,31 +124,44 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- the runs
 
 
-def _config_text(config: str) -> str:
-    """The config file's text with its bases' (what a run depends on); empty when the file is gone."""
-    return C.config_text(config) if Path(config).exists() else ""
+# What a method never reads of the config, so that a change there keeps its finished runs (a stopped suite
+# resumes with them after the shared defaults of ours changed): VAT and the Pi-model build the encoder and the
+# prior MLP head from the model section and train them with Adam at optim.lr_encoder (launch/baselines.py); the
+# supervised-only twin trains encoder and prior on the labelled loss and draws no chains. A section mapped to
+# None is ignored whole.
+NOT_READ = {
+    "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
+                      "labelled_weight", "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
+            "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
+            "train": ("method", "select", "ema_decay", "checkpoint_every", "keep_last", "log_every", "on_nan",
+                      "max_nan_skips", "mixed_precision", "grad_accum", "stop_after"),
+            "sampler": None, "health": None},
+    "supervised": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
+                             "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
+                   "optim": ("lr_generator",), "sampler": None},
+}
+NOT_READ["pi"] = NOT_READ["vat"]
 
 
-def _same_stamp(path: Path, stamp: dict) -> bool:
-    """Whether a finished run's command.json records this command and config (comment edits aside)."""
-    def content(text: str) -> list[str]:
-        lines = (re.sub(r"(^|\s)#.*$", "", line).rstrip() for line in text.splitlines())
-        return [line for line in lines if line]
+def run_config(config: str, overrides: list[str], method: str = "ours") -> dict:
+    """The resolved config a run of `method` depends on: all of it for ours, less NOT_READ for the others."""
+    resolved = C.to_dict(C.from_dict(C.Config, C.raw_tree(config, overrides)))
+    for section, keys in NOT_READ.get(method, {}).items():
+        if keys is None:
+            resolved.pop(section, None)
+        else:
+            for key in keys:
+                resolved.get(section, {}).pop(key, None)
+    return resolved
 
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return done.get("args") == stamp["args"] and content(done.get("config_text", "")) == content(stamp["config_text"])
 
-
-def _subprocess_run(cmd: list[str], config: str, out: Path, result_file: str, log_name: str, reuse: bool,
+def _subprocess_run(cmd: list[str], stamp: dict, out: Path, result_file: str, log_name: str, reuse: bool,
                     what: str) -> dict:
     """Run one training command into `out` (its own folder), or keep its finished result when `reuse` and
-    its command.json matches; the JSON result, with "reused": true when kept."""
-    stamp = {"args": cmd[1:], "config_text": _config_text(config)}
+    its command.json records the same stamp (arguments and resolved config); the JSON result, with
+    "reused": true when kept."""
     done = (out / result_file).exists() and (out / "command.json").exists()
-    if reuse and done and _same_stamp(out / "command.json", stamp):
+    if reuse and done and json.loads((out / "command.json").read_text()) == json.loads(json.dumps(stamp)):
         return {**json.loads((out / result_file).read_text()), "reused": True}
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing of an earlier one to resume or restore
     out.mkdir(parents=True)
@@ -164,11 +176,12 @@ def _subprocess_run(cmd: list[str], config: str, out: Path, result_file: str, lo
     return json.loads((out / result_file).read_text())
 
 
-def train_run(config: str, overrides: list[str], out: Path, reuse: bool) -> dict:
+def train_run(config: str, overrides: list[str], out: Path, reuse: bool, method: str = "ours") -> dict:
     """launch/train.py (ours or supervised-only) in a subprocess; its metrics.json."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
            f"train.out_dir={out}", "train.resume=never", "train.progress=false"]
-    return _subprocess_run(cmd, config, out, "metrics.json", "train.log", reuse, "training")
+    stamp = {"method": method, "overrides": overrides, "config": run_config(config, overrides, method)}
+    return _subprocess_run(cmd, stamp, out, "metrics.json", "train.log", reuse, "training")
 
 
 def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, protocol: str, out: Path,
@@ -177,7 +190,9 @@ def neural_run(method: str, config: str, overrides: list[str], url: str, seed: i
     cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
            "--method", method, "--seed", str(seed), "--protocol", protocol, "--out", str(out / "result.json"),
            *overrides]
-    return _subprocess_run(cmd, config, out, "result.json", "baseline.log", reuse, f"{method} baseline")
+    stamp = {"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
+             "config": run_config(config, overrides, method)}
+    return _subprocess_run(cmd, stamp, out, "result.json", "baseline.log", reuse, f"{method} baseline")
 
 
 def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabelled: int, record: Path,
@@ -271,7 +286,7 @@ def reproduce(args, config: str) -> dict:
     def train_job(s: int, method: str):
         ov = [*args.overrides, *P.train_overrides(protocol, updates), f"data.shards={urls[s]}", f"data.split_seed={s}",
               f"train.seed={s}", *(["train.method=supervised"] if method == "supervised" else [])]
-        return lambda: network_record(train_run(config, ov, run_dir(s, method), reuse), protocol, updates)
+        return lambda: network_record(train_run(config, ov, run_dir(s, method), reuse, method), protocol, updates)
 
     def neural_job(s: int, method: str):
         ov = [*args.overrides, f"train.steps={updates}", f"train.seed={s}"]
