@@ -66,6 +66,10 @@ class ModelConfig:
     sigma0: float = 1.0  # p0(z) = N(0, sigma0^2 I)
     obs_sigma: float = 0.3  # std of the Gaussian likelihood x = g(z) + N(0, obs_sigma^2)
     labelled_weight: float = 1.0  # weight of the labelled cross-entropy (Algorithm 1, step 6)
+    # Learn one observation std per data dimension (with the generator, from obs_sigma, floored at
+    # OBS_SIGMA_MIN) instead of the fixed obs_sigma: the balance of reconstruction against KL and F(z+) is
+    # then set by the data rather than chosen per dataset. Gaussian and mixed likelihoods only.
+    learn_obs_sigma: bool = False
     prior_spectral_norm: bool = False  # spectral normalisation of the prior's linear layers
     energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded); trains the prior only (z+ detached)
     mi_weight: float = 0.0  # weight of the in-batch mutual information I(y; z+) (authors' code: 100; paper: 0)
@@ -86,6 +90,9 @@ class ModelConfig:
         _check(self.z_dim >= 1, "model.z_dim", f"got {self.z_dim}; must be >= 1")
         _check(self.hidden >= 1 and self.prior_hidden >= 1, "model.hidden", "widths must be >= 1")
         _check(self.sigma0 > 0, "model.sigma0", f"got {self.sigma0}; must be > 0")
+        _check(not self.learn_obs_sigma or self.likelihood in ("gaussian", "mixed"), "model.learn_obs_sigma",
+               f"learns the std of a Gaussian likelihood, but model.likelihood is {self.likelihood!r}; "
+               "set model.learn_obs_sigma=false")
         _check(self.obs_sigma > 0, "model.obs_sigma", f"got {self.obs_sigma}; must be > 0")
         _check(self.labelled_weight >= 0, "model.labelled_weight", "must be >= 0")
         _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")

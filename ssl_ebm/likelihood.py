@@ -11,11 +11,12 @@ import torch
 from ssl_ebm.config import LIKELIHOODS, ConfigError
 
 
-def log_likelihood(kind: str, x: torch.Tensor, out: torch.Tensor, obs_sigma: float,
+def log_likelihood(kind: str, x: torch.Tensor, out: torch.Tensor, obs_sigma: float | torch.Tensor,
                    blocks: tuple[tuple[int, int], ...] = ()) -> torch.Tensor:
     """Per-example log p(x|z), shape (B,), summed over all data dimensions.
 
-    "gaussian": x = g(z) + N(0, obs_sigma^2 I) (sec. 2.1), with the full normalising constant.
+    "gaussian": x = g(z) + N(0, obs_sigma^2 I) (sec. 2.1), with the full normalising constant; obs_sigma is
+    a number, or one standard deviation per data dimension (a (D,) tensor: model.learn_obs_sigma).
     "multinomial": x holds word counts, out the V logits: sum_v x_v log softmax(out)_v. The
     multinomial coefficient log(N! / prod_v x_v!) does not depend on any parameter and is NOT
     included, so this is log p(x|z) up to a per-document constant.
@@ -38,12 +39,17 @@ def log_likelihood(kind: str, x: torch.Tensor, out: torch.Tensor, obs_sigma: flo
             numeric_D[start:start + size] = False
             code_BK, logits_BK = x[:, start:start + size], out[:, start:start + size]
             categorical_B = categorical_B + (code_BK * torch.log_softmax(logits_BK, dim=-1)).sum(-1)
-        return _gaussian(x[:, numeric_D], out[:, numeric_D], obs_sigma) + categorical_B
+        sigma = obs_sigma[numeric_D] if torch.is_tensor(obs_sigma) else obs_sigma
+        return _gaussian(x[:, numeric_D], out[:, numeric_D], sigma) + categorical_B
     raise ValueError(f"likelihood {kind!r}: valid choices are {', '.join(LIKELIHOODS)}")
 
 
-def _gaussian(x_BD: torch.Tensor, out_BD: torch.Tensor, obs_sigma: float) -> torch.Tensor:
+def _gaussian(x_BD: torch.Tensor, out_BD: torch.Tensor, obs_sigma: float | torch.Tensor) -> torch.Tensor:
     d = x_BD.shape[1]
+    if torch.is_tensor(obs_sigma):  # one sigma per dimension, (D,)
+        sigma_D = obs_sigma.float()
+        sq_B = ((x_BD - out_BD) / sigma_D).pow(2).sum(1)
+        return -0.5 * sq_B - sigma_D.log().sum() - 0.5 * d * math.log(2 * math.pi)
     sq_B = (x_BD - out_BD).pow(2).sum(1)
     return -0.5 * sq_B / obs_sigma**2 - d * (math.log(obs_sigma) + 0.5 * math.log(2 * math.pi))
 

@@ -112,3 +112,31 @@ def test_mixed_blocks_are_validated_and_read_from_a_table_manifest():
     with pytest.raises(ConfigError, match="'mixed' is for tables with categorical columns, but the shards of dataset "
                                           "'magic_gamma' have none"):
         categorical_blocks({"dataset": "magic_gamma", "columns": None})
+
+
+def test_a_learned_std_per_dimension_is_the_gaussian_of_each_dimension_and_trains_with_the_generator():
+    from ssl_ebm.config import ModelConfig, OptimConfig
+    from ssl_ebm.model import OBS_SIGMA_MIN, LatentEBM
+
+    torch.manual_seed(0)
+    x, out = torch.randn(4, 3), torch.randn(4, 3)
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+    want = torch.distributions.Normal(out, sigma).log_prob(x).sum(1)
+    assert torch.allclose(log_likelihood("gaussian", x, out, sigma), want, atol=1e-5)
+    # a tensor of one value equals the number
+    assert torch.allclose(log_likelihood("gaussian", x, out, torch.full((3,), 0.7)),
+                          log_likelihood("gaussian", x, out, 0.7), atol=1e-5)
+    net = LatentEBM(ModelConfig(x_shape=(3,), num_classes=2, z_dim=2, hidden=8, prior_hidden=8, obs_sigma=0.5,
+                                learn_obs_sigma=True))
+    assert torch.allclose(net.observation_sigma(), torch.full((3,), 0.5))
+    groups = {g["name"]: g["params"] for g in net.param_groups(OptimConfig())}
+    assert any(p is net.obs_log_sigma for p in groups["generator"])
+    assert not any(p is net.obs_log_sigma for p in groups["encoder"] + groups["prior"])
+    terms = net(torch.randn(5, 3), torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(6, 2))
+    terms["loss"].backward()
+    assert net.obs_log_sigma.grad is not None and net.obs_log_sigma.grad.abs().sum() > 0
+    with torch.no_grad():
+        net.obs_log_sigma.fill_(-10.0)
+    assert torch.allclose(net.observation_sigma(), torch.full((3,), OBS_SIGMA_MIN))  # the floor
+    with pytest.raises(Exception, match="model.learn_obs_sigma"):
+        ModelConfig(likelihood="multinomial", learn_obs_sigma=True)
