@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,19 @@ def test_kill9_then_resume_is_bitwise_identical(digits_shards, tmp_path):
     assert not (out / "checkpoints" / f"step-{steps:06d}").exists(), "killed too late to test anything"
     run_train(tiny(digits_shards, out, *args))  # resume=auto is the default
     assert_same_end(ref, out, steps)
+
+
+def test_resume_with_a_loader_worker_is_bitwise_identical(digits_shards, tmp_path):
+    """data.workers=1: a run resumed from step 5 ends at step 10 with the uninterrupted run's weights and
+    chains (the loader's iterator, created at the first step of each run, must not draw on the training RNG)."""
+    args = ["data.workers=1", "train.steps=10", "train.checkpoint_every=5", "train.eval_every=0"]
+    ref = tmp_path / "ref"
+    run_train(tiny(digits_shards, ref, *args))
+    out = tmp_path / "resumed"
+    shutil.copytree(ref / "checkpoints" / "step-000005", out / "checkpoints" / "step-000005")
+    resumed = run_train(tiny(digits_shards, out, *args))
+    assert "resumed from" in resumed.stdout and "at step 5" in resumed.stdout
+    assert_same_end(ref, out, 10)
 
 
 def kill9_after(cmd: list[str], out: Path, step: int) -> None:
