@@ -167,7 +167,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
         start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
-    # offset moves when a resume changes the process count (ssl_ebm/resume.py)
+    # offset moves when a resume changes the process count or train.grad_accum (ssl_ebm/resume.py)
     val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
     pause = t.stop_after if 0 < t.stop_after < end else None  # validated and checkpointed there, then finish()
