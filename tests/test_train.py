@@ -158,6 +158,24 @@ def test_resume_with_a_loader_worker_is_bitwise_identical(digits_shards, tmp_pat
     assert_same_end(ref, out, 10)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_stop_signal_during_start_up_exits_75_and_writes_nothing(digits_shards, tmp_path, sig):
+    """SLURM's warning 1.5 s after start, while the script still imports its libraries: held until main()
+    installs its handlers, then the run stops at its first safe point with the requeue status, before any
+    step or checkpoint (not status 128 + signal, which the batch script would not requeue)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, "train.steps=200")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, (proc.returncode, stderr[-3000:])
+    assert "stop signal received during start-up" in stdout, stdout
+    assert not list((out / "checkpoints").glob("*")), "no checkpoint, complete or not"
+    assert not (out / "config.yaml").exists() and not (out / "log.jsonl").exists()
+
+
 def kill9_after(cmd: list[str], out: Path, step: int) -> None:
     """Start `cmd`, and kill -9 it as soon as checkpoint step-<step> is complete."""
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
