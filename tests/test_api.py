@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY, run_train
+from torch.overrides import TorchFunctionMode
 
 import ssl_ebm
 from ssl_ebm import api
@@ -150,6 +151,52 @@ def test_bad_inputs_name_the_problem(model):
         model.sample(2, y="eleven")
     with pytest.raises(api.ModelError, match=r"expected \(N, 8\)"):
         model.generate(torch.zeros(2, 3))
+
+
+class DeviceTraffic(TorchFunctionMode):
+    """The most rows of any tensor moved to or from a device (Tensor.to, .cpu, .cuda) while active: what a
+    call holds on the model's device at once (on a CPU-only machine the moves are real calls all the same)."""
+
+    MOVES = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda)
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.MOVES and args[0].dim():
+            self.rows = max(self.rows, args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_batch_size_bounds_what_a_call_holds_at_once(model, trained, monkeypatch):
+    """With batch_size 7, no tensor of more than 7 rows goes to or from the device, into a net, or through the
+    feature scaling (float64), for 359 inputs or 30 chains; the results are those of batch_size 1000."""
+    x, _ = raw_digits(trained[2], "test")
+    z = torch.randn(len(x), model.z_dim, generator=torch.Generator().manual_seed(0))
+    calls = {"predict": lambda: model.predict_proba(x), "encode": lambda: model.encode(x)[0],
+             "generate": lambda: model.generate(z), "score": lambda: model.score(x)["energy"],
+             "sample": lambda: model.sample(30, y=3, seed=0, steps=5)}
+    whole = {name: call() for name, call in calls.items()}  # batch_size 1024: one batch each
+
+    rows = []  # the rows of every input to a net and to the feature scaling
+    hooks = [net.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+             for net in (model.net.encoder, model.net.generator, model.net.prior)]
+    scale = api.features.to_model
+    monkeypatch.setattr(api.features, "to_model", lambda x, norm: rows.append(len(x)) or scale(x, norm))
+    monkeypatch.setattr(model, "batch_size", 7)
+    try:
+        for name, call in calls.items():
+            rows.clear()
+            with DeviceTraffic() as moved:
+                out = call()
+            assert moved.rows <= 7 and rows and max(rows) <= 7, (name, moved.rows, max(rows, default=0))
+            if name != "sample":  # the chains' noise is drawn batch by batch (Model.sample)
+                torch.testing.assert_close(out, whole[name], rtol=1e-5, atol=1e-5, msg=name)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(model.sample(30, y=3, seed=0, steps=5), model.sample(30, y=3, seed=0, steps=5))
 
 
 # ----------------------------------------------------------------------------- sampling and generation
