@@ -135,6 +135,36 @@ def test_a_checkpoint_of_another_model_config_is_one_line(digits_shards, finishe
                     "train.resume=never and another train.checkpoint_dir"), line
 
 
+def test_resume_from_a_url_elsewhere_unpickles_only_with_the_flag(digits_shards, finished_run, tmp_path):
+    """train.resume=<URL> outside this run's checkpoint directory: its .pt files are pickles, refused in one
+    line before any is opened (the payload would touch a file); with train.allow_pickle=true a real one resumes."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "elsewhere" / "step-000010"
+    evil.mkdir(parents=True)
+    for name in ("model.pt", "optimizer.pt", "rank-00000.pt"):
+        torch.save(Payload(), evil / name)
+    (evil / "meta.json").write_text(json.dumps({"step": 10, "world_size": 1}))
+    (evil / "COMPLETE").write_bytes(b"")
+    proc = run_train(tiny(digits_shards, tmp_path / "run", "train.steps=12", f"train.resume={evil}"), check=False)
+    line = one_error(proc)
+    assert line == (f"error: train.resume={evil} is a checkpoint outside this run's checkpoint directory "
+                    f"({tmp_path / 'run' / 'checkpoints'}): its .pt files are pickles, and unpickling one runs any "
+                    "code it names. Set train.allow_pickle=true to resume from a checkpoint you trust, or copy it "
+                    "into train.checkpoint_dir and use train.resume=auto"), line
+    assert not marker.exists()
+
+    good = finished_run / "checkpoints" / "step-000010"
+    proc = run_train(tiny(digits_shards, tmp_path / "run", "train.steps=12", f"train.resume={good}",
+                          "train.allow_pickle=true"))
+    assert f"resumed from {good} at step 10" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step-000012" / "COMPLETE").exists()
+
+
 @pytest.mark.slow
 def test_resume_drops_the_dead_timeline_and_tests_the_live_best(digits_shards, tmp_path):
     """Killed (kill -9) after a best-N beyond its last step checkpoint S; resumed with train.steps=S+1, the
