@@ -126,6 +126,7 @@ def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:
                             f"step {done}; lower the learning rates, enable optim.grad_clip, or set train.on_nan=skip")
     else:
         runtime.clear_grads(run.state.acc, run.state.model)  # what the window accumulated is not applied
+        run.state.set_schedule_position(done)  # the skipped update counts, as the watchdog's do
         counters["nan_skips"] += 1
         if counters["nan_skips"] > cfg.train.max_nan_skips:
             raise TrainingError(f"{counters['nan_skips']} non-finite losses by step {done} "
