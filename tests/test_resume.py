@@ -125,6 +125,20 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(digits_shards,
     assert not (tmp_path / "other" / "config.yaml").exists()
 
 
+def test_a_fresh_run_over_incomplete_checkpoints_of_another_keeps_none_of_their_files(digits_shards, tmp_path):
+    """Only incomplete checkpoints of another run (killed mid-save, with 2 processes, ZeRO and an average): the
+    fresh run may start (nothing there can be resumed), and its step-000005, written into the same-named
+    directory, holds its own files only, none of the other run's (ema.pt, rank-00001.pt, deepspeed/)."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    stale = ckpt / "step-000005"
+    (stale / "deepspeed" / "state").mkdir(parents=True)
+    for name in ("ema.pt", "rank-00001.pt", "deepspeed/state/mp_rank_00_model_states.pt", "model.pt"):
+        torch.save({"other": torch.zeros(2)}, stale / name)
+    run_train(tiny(digits_shards, tmp_path / "run", "train.steps=5", "train.checkpoint_every=5", "train.eval_every=0"))
+    written = sorted(str(p.relative_to(stale)) for p in stale.rglob("*"))
+    assert written == ["COMPLETE", "config.yaml", "meta.json", "model.pt", "optimizer.pt", "rank-00000.pt"], written
+
+
 def test_a_checkpoint_of_another_model_config_is_one_line(digits_shards, finished_run, tmp_path):
     ckpt = finished_run / "checkpoints"
     proc = run_train(tiny(digits_shards, tmp_path / "other", "train.steps=20", "model.z_dim=16",
