@@ -29,6 +29,7 @@ from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
+from ssl_ebm.likelihood import categorical_blocks
 from ssl_ebm.loop import (Preempted, Run, checkpoint, due, evaluate_and_keep_best, finish, log_step, preempt,
                           save_images, stop_if_requested)
 from ssl_ebm.resume import start_or_resume
@@ -46,6 +47,8 @@ def fill_from_manifest(cfg: C.Config, raw: dict, manifest: dict) -> C.Config:
     """Take the data's shape and class count from the manifest unless the config states them."""
     stated = raw.get("model", {})
     fields = {"x_shape": tuple(manifest["x_shape"]), "num_classes": int(manifest["num_classes"])}
+    if cfg.model.likelihood == "mixed":  # a table's one-hot blocks: categorical under the mixed likelihood
+        fields["categorical_blocks"] = categorical_blocks(manifest)
     for key, value in fields.items():
         if key in stated and getattr(cfg.model, key) != value:
             raise C.ConfigError(f"model.{key}: config says {getattr(cfg.model, key)} but the shards at "
@@ -137,8 +140,7 @@ def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:
 
 
 def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemption | None = None) -> dict:
-    """`before_step(done, state)`, if given, runs before every step (tests inject faults through it);
-    `preemption`: the stop-signal handlers, installed by main before anything slow."""
+    """`before_step(done, state)` runs before every step (tests inject faults); `preemption`: main's handlers."""
     t_start = time.time()
     preemption = preemption or runtime.Preemption()
     if cfg.train.cpu_threads and not torch.cuda.is_available():
@@ -178,7 +180,8 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
         start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
     # offset moves when a resume changes the process count or train.grad_accum (ssl_ebm/resume.py)
-    val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
+    # train.select=final: the validation split is never opened (no passes, no best-*, no early stopping)
+    val_split = cfg.train.select == "val" and bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
     pause = t.stop_after if 0 < t.stop_after < end else None  # validated and checkpointed there, then finish()
     end, done = pause or end, start

@@ -389,7 +389,8 @@ class Model:
             for _ in range(elbo_samples):
                 eps = torch.randn(mu.shape, generator=gen, device=self.device)
                 z = mu + torch.exp(0.5 * logvar) * eps
-                recon = log_likelihood(mc.likelihood, x_B, self.net.generator(z).float(), mc.obs_sigma)
+                recon = log_likelihood(mc.likelihood, x_B, self.net.generator(z).float(), mc.obs_sigma,
+                                       mc.categorical_blocks)
                 elbo = elbo + (recon + self.net.prior.free_energy(z)) / elbo_samples
             out["neg_elbo"].append(-elbo)
             for v in out.values():

@@ -113,7 +113,8 @@ class LatentEBM(nn.Module):
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
-            recon_B = log_likelihood(cfg.likelihood, x_u, self.generator(z_pos_BZ).float(), cfg.obs_sigma)
+            recon_B = log_likelihood(cfg.likelihood, x_u, self.generator(z_pos_BZ).float(), cfg.obs_sigma,
+                                     cfg.categorical_blocks)
             kl_B = kl_to_p0(mu[:n_u], logvar[:n_u], cfg.sigma0)
             F_pos_B = self.prior.free_energy(z_pos_BZ)
             F_neg_N = self.prior.free_energy(z_neg_NZ)
