@@ -277,6 +277,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
     resume: str = "auto"  # "auto" (newest complete checkpoint if any), "never", or a checkpoint URL
+    allow_pickle: bool = False  # resume=<URL> outside checkpoint_dir: its .pt pickles run code; true if you trust it
     log_every: int = 50
     eval_every: int = 0  # steps between validation passes (0 = only at the end)
     image_every: int = 0  # steps between PNG grids for image data (0 = off)

@@ -14,7 +14,8 @@ What one checkpoint directory holds (the files are the store's business, checkpo
     deepspeed/...    under ZeRO: every rank's engine shards, as `engine.save_checkpoint` wrote them
     rank-00000.pt    one per process: its persistent chains and RNG states
     config.yaml      the resolved config
-    meta.json        the counters (step, best validation, NaN skips, recoveries, ...), world size, ZeRO stage
+    meta.json        the counters (step, best validation, NaN skips, recoveries, ...), the micro-batches each
+                     process's data stream had read (batches_read), world size, ZeRO stage
 
 The schedule is a LambdaLR stepped once per optimizer update; its factor is `lr_factor`.
 """
@@ -110,8 +111,15 @@ class TrainingState:
     # ------------------------------------------------------------------ saving and loading
     def save(self, store: CheckpointStore, kind: str, step: int, **extra) -> str:
         """Write checkpoint `<kind>-<step>`: every rank its chains and RNG (and engine shards), then the main
-        process the full weights, schedule, config and counters, COMPLETE last; prunes old ones."""
+        process the full weights, schedule, config and counters, COMPLETE last; prunes old ones.
+
+        A directory of that name is removed first: a save replaces it whole. Otherwise files of an unfinished
+        save into it (another run's, killed mid-save, say with two processes, ZeRO or an average) that this
+        save does not write (rank-00001.pt, deepspeed/..., ema.pt) would sit in a complete checkpoint."""
         acc, name = self.acc, store.dir_name(kind, step)
+        if acc.is_main_process:
+            store.remove([name])
+        acc.wait_for_everyone()
         rank_state = {"rng": runtime.RngState.capture().to_dict(),
                       "bank": self.bank.state_dict() if self.bank else None}
         store.write_torch(name, rank_file(acc.process_index), rank_state)
@@ -129,7 +137,9 @@ class TrainingState:
             if self.ema is not None:
                 store.write_torch(name, "ema.pt", self.ema.state_dict())
             store.write_bytes(name, "config.yaml", C.dump_config(self.cfg).encode())
-            meta = {**self.counters, "step": step, **extra}
+            # batches_read: where each process's data stream stands (micro-batches), whatever grad_accum a resume uses
+            read = step * self.cfg.train.grad_accum + self.counters.get("data_offset", 0)
+            meta = {**self.counters, "step": step, "batches_read": read, **extra}
             store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes, "zero_stage": stage})
             store.mark_complete(name)
             if kind == "step":

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,37 @@ def test_kill9_then_resume_is_bitwise_identical(digits_shards, tmp_path):
     assert not (out / "checkpoints" / f"step-{steps:06d}").exists(), "killed too late to test anything"
     run_train(tiny(digits_shards, out, *args))  # resume=auto is the default
     assert_same_end(ref, out, steps)
+
+
+def test_resume_with_a_loader_worker_is_bitwise_identical(digits_shards, tmp_path):
+    """data.workers=1: a run resumed from step 5 ends at step 10 with the uninterrupted run's weights and
+    chains (the loader's iterator, created at the first step of each run, must not draw on the training RNG)."""
+    args = ["data.workers=1", "train.steps=10", "train.checkpoint_every=5", "train.eval_every=0"]
+    ref = tmp_path / "ref"
+    run_train(tiny(digits_shards, ref, *args))
+    out = tmp_path / "resumed"
+    shutil.copytree(ref / "checkpoints" / "step-000005", out / "checkpoints" / "step-000005")
+    resumed = run_train(tiny(digits_shards, out, *args))
+    assert "resumed from" in resumed.stdout and "at step 5" in resumed.stdout
+    assert_same_end(ref, out, 10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_stop_signal_during_start_up_exits_75_and_writes_nothing(digits_shards, tmp_path, sig):
+    """SLURM's warning 1.5 s after start, while the script still imports its libraries: held until main()
+    installs its handlers, then the run stops at its first safe point with the requeue status, before any
+    step or checkpoint (not status 128 + signal, which the batch script would not requeue)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, "train.steps=200")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, (proc.returncode, stderr[-3000:])
+    assert "stop signal received during start-up" in stdout, stdout
+    assert not list((out / "checkpoints").glob("*")), "no checkpoint, complete or not"
+    assert not (out / "config.yaml").exists() and not (out / "log.jsonl").exists()
 
 
 def kill9_after(cmd: list[str], out: Path, step: int) -> None:
@@ -358,6 +390,25 @@ def test_nan_loss_skip_counts_then_gives_up(digits_shards, tmp_path):
     proc = run_train(tiny(digits_shards, tmp_path / "skip", "optim.lr_prior=1e30", "train.steps=20",
                           "train.on_nan=skip", "train.max_nan_skips=3", "health.watchdog=false"), check=False)
     _fails(proc, "4 non-finite losses by step 5")
+
+
+def test_a_skipped_update_still_steps_the_schedule(digits_shards, tmp_path):
+    """train.on_nan=skip: the update whose loss is NaN (micro-batch 3) is not applied but counts, as the watchdog's
+    skipped steps do; the learning rate logged after update s stays base x factor(s) (cosine after 4 warm-up
+    updates), not one update behind per skip."""
+    from ssl_ebm import config as C
+    from ssl_ebm.state import lr_factor
+
+    args = ["train.steps=8", "train.log_every=1", "train.eval_every=0", "train.on_nan=skip", "health.watchdog=false",
+            "optim.schedule=cosine", "optim.warmup_steps=4"]
+    out = tmp_path / "skip"
+    run_train(["3", "NAN", *tiny(digits_shards, out, *args)], script=REPO / "tests" / "scripts" / "train_with_micro_fault.py")
+    cfg = C.load_config(DIGITS, args)
+    factor = lr_factor(cfg.optim, cfg.train.steps)
+    train_log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["nan_skips"] for r in train_log] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert [r["lr_prior"] for r in train_log] == [cfg.optim.lr_prior * factor(s) for s in range(1, 9)]
+    assert train_log[-1]["lr_prior"] == 0.0  # the cosine still ends on the last update
 
 
 @pytest.mark.slow
