@@ -26,11 +26,16 @@ launch/train.py and configs/tabular.yaml are read from the checkout this package
 (`pip install -e .`): the launchers are scripts, not package modules. This module is the one in the package
 that reaches above it, to the shard writer and the training script (tests/test_layout.py names it).
 
+X holds numbers for now, all finite (`_numeric_columns`, `_finite`). The table file is where more column kinds
+come in: write_shards hands the shard writer the DataFrame it is given, so once the table reader encodes
+categorical columns and missing values, a DataFrame can pass through as it is and the shards get the reader's
+encoding; predicting then needs the Model to encode new rows the same way (ssl_ebm/api.py).
+
 One process, one fit at a time, in the main thread (the training loop installs signal handlers for SLURM
 preemption). What a run changes in its process is put back when fit returns: the random-number states it
 seeds, torch's thread count, the signal handlers, Accelerate's process-wide state (so repeated fits, as in
 cross_val_score or GridSearchCV, each start afresh). Parallel fits (n_jobs) take joblib's default process
-backend.
+backend. A SIGTERM during fit ends it as it ends training: the loop checkpoints and raises Preempted.
 """
 
 from __future__ import annotations

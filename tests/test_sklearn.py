@@ -234,6 +234,8 @@ def test_bad_rows_and_places_are_one_clear_line():
     frame = pd.DataFrame({"size": np.arange(40.0), "colour": ["red", "blue"] * 20})
     with pytest.raises(ValueError, match="X column 'colour' is (str|object), not numeric: .* encode it first"):
         LatentEBMClassifier(**FAST).fit(frame, Y_SEMI)
+    with pytest.raises(ValueError, match="X has a column named '__label__', the name the label takes in the table"):
+        LatentEBMClassifier(**FAST).fit(pd.DataFrame({"__label__": np.arange(40.0)}), Y_SEMI)
     x = X_BLOBS.copy()
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match="X holds NaN or infinite values in 1 row.s., the first at row 3; "):
@@ -255,3 +257,16 @@ def _fit_into(errors: list) -> None:
         LatentEBMClassifier(**FAST).fit(X_BLOBS, Y_SEMI)
     except RuntimeError as e:
         errors.append(e)
+
+
+def test_a_checkout_without_the_training_script_is_one_clear_line(tmp_path, monkeypatch):
+    from ssl_ebm import sklearn as sk
+
+    monkeypatch.setattr(sk, "TRAIN_SCRIPT", tmp_path / "launch" / "train.py")
+    sk._train_script.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="LatentEBMClassifier trains with .*launch/train.py and .*"
+                                                    r"tabular.yaml, which are missing: install ssl-ebm from its checkout"):
+            LatentEBMClassifier(**FAST).fit(X_BLOBS, Y_SEMI)
+    finally:
+        sk._train_script.cache_clear()
