@@ -115,6 +115,20 @@ def test_variant_names_the_feature_scaling():
     import reproduce
     from ssl_ebm import config as C
 
-    spambase = C.load_config(str(REPO / "configs" / "spambase.yaml"))
+    spambase = C.load_config(str(REPO / "configs" / "spambase.yaml"), ["data.features=quantile"])
     assert reproduce.variant(spambase).endswith(", quantile features, 4,000 updates")
     assert "features" not in reproduce.variant(C.load_config(str(REPO / "configs" / "magic_gamma.yaml")))
+
+
+def test_every_tabular_config_names_only_its_data_and_label_count():
+    """One set of defaults: a config on configs/tabular.yaml sets data keys and its run folder, nothing else."""
+    import yaml
+
+    tables = [p for p in sorted((REPO / "configs").glob("*.yaml"))
+              if yaml.safe_load(p.read_text()).get("base") == "tabular.yaml"]
+    assert len(tables) >= 12
+    for path in tables:
+        raw = yaml.safe_load(path.read_text())
+        assert set(raw) <= {"base", "data", "train"}, path.name
+        assert set(raw.get("train", {})) <= {"out_dir"}, path.name
+        assert "features" not in raw["data"], path.name
