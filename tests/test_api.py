@@ -381,13 +381,14 @@ def test_text_top_words_per_class(tmp_path):
 
 def _bank_rows(n: int, jobs: list[str], seed: int):
     """Rows as a user's table has them: an age with empty cells, an income with an 'unknown' marker, a job (string
-    categories, 'unknown' among them), a label y."""
+    categories, 'unknown' among them), a grade code with empty cells (read as floats), a label y."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     income = [("unknown" if i % 11 == 5 else round(float(v), 2)) for i, v in enumerate(rng.normal(1000, 300, n))]
     return pd.DataFrame({"age": np.where(np.arange(n) % 9 == 4, np.nan, rng.integers(20, 70, n)), "income": income,
-                         "job": rng.choice(jobs, n), "y": np.arange(n) % 2})
+                         "job": rng.choice(jobs, n), "grade": np.where(np.arange(n) % 7 == 2, np.nan, np.arange(n) % 3),
+                         "y": np.arange(n) % 2})
 
 
 def test_a_table_model_encodes_raw_rows_as_its_shards_did(tmp_path):
@@ -404,7 +405,8 @@ def test_a_table_model_encodes_raw_rows_as_its_shards_did(tmp_path):
     test = _bank_rows(20, ["admin", "blue", "unknown", "chef"], 1)
     test.to_csv(folder / "test.csv", index=False)
     url = str(tmp_path / "shards")
-    manifest = build("table", url, str(folder), num_labelled=10, label_column="y", na_values="unknown", progress=False)
+    manifest = build("table", url, str(folder), num_labelled=10, label_column="y", na_values="unknown",
+                     categorical_columns="grade", progress=False)
     model = _untrained(manifest["x_shape"], manifest=manifest, num_classes=2)
     model.batch_size = 8  # raw rows are encoded a batch at a time too
     rows = pd.read_csv(folder / "test.csv")
@@ -412,11 +414,12 @@ def test_a_table_model_encodes_raw_rows_as_its_shards_did(tmp_path):
     np.testing.assert_allclose(model.to_model_units(rows).numpy(), x_shards, atol=1e-6)
     job = next(b for b in manifest["columns"]["categorical"] if b["name"] == "job")
     assert job["categories"] == ["(missing)", "admin", "blue", "(unseen)"]
+    assert manifest["columns"]["categorical"][1]["categories"] == ["(missing)", "0", "1", "2", "(unseen)"]  # not "0.0"
     data = model.from_table(rows)  # data units: what the shards hold before scaling
     assert data.shape == (20, manifest["x_shape"][0]) and (rows["job"] == "chef").any()
     assert (data[:, job["start"] + 3] == (rows["job"] == "chef")).all()
     torch.testing.assert_close(model.encode(rows)[0], model.encode(data)[0])
-    shuffled = rows[["y", "job", "income", "age"]]  # columns by name; the label column is ignored
+    shuffled = rows[["y", "grade", "job", "income", "age"]]  # columns by name; the label column is ignored
     again = ssl_ebm.load(api.export(model, f"memory://table-{id(model)}"))
     torch.testing.assert_close(again.predict_proba(shuffled), model.predict_proba(rows))
     with pytest.raises(api.ModelError, match=r"x lacks the table column\(s\) \['job'\] the model was trained on"):
