@@ -26,7 +26,9 @@ Protocol (seeded by --seed; everything is recorded in the manifest):
 3. the rest is the training pool: its mean and std standardise vectors; text vocabularies come from it;
    a table's categories and the medians that fill its missing numbers come from it too (below);
 4. labelled: --num-labelled from the pool, class-balanced (--balance stratified: proportional, at
-   least one per class); written with the classes interleaved so any contiguous part is balanced;
+   least one per class); written with the classes interleaved so any contiguous part is balanced.
+   From Python, build(labelled_rows=[...]) names the labelled rows instead: exactly those, with no
+   validation split and no test part carved (the training pool is then the whole training part);
 5. unlabelled: the rest of the pool, shuffled. By default the labelled examples also feed the
    unlabelled stream (manifest "unlabelled_stream"); --labelled-not-unlabelled turns that off. A dataset's
    protocol may keep a random subset of a count (HEPMASS: 140,000), and may let the validation examples
@@ -202,18 +204,58 @@ def _labelled(pool: np.ndarray, labels: np.ndarray, n: int, balance: str, class_
                             f"{sources.option(opts, 'num_labelled')}"
                             + (f" or set {sources.option(opts, 'balance', 'stratified')} (at least one per class, "
                                "the rest in proportion)" if balance == "balanced" else ""))
-    chosen = [rng.permutation(rng.choice(groups[c], need[c], replace=False)) for c in range(k)]
-    rows = np.concatenate(chosen + [np.zeros(0, np.int64)])
-    position = np.concatenate([(np.arange(len(g)) + 0.5) / len(g) for g in chosen] + [np.zeros(0)])
-    klass = np.concatenate([np.full(len(g), c) for c, g in enumerate(chosen)] + [np.zeros(0, np.int64)])
+    return _interleaved([rng.permutation(rng.choice(groups[c], need[c], replace=False)) for c in range(k)])
+
+
+def _interleaved(by_class: list[np.ndarray]) -> np.ndarray:
+    """The rows of every class in one order where any contiguous part is balanced: row k of class c sits near
+    position k / n_c (data.py splits the labelled split into contiguous parts, one per rank)."""
+    rows = np.concatenate(by_class + [np.zeros(0, np.int64)])
+    position = np.concatenate([(np.arange(len(g)) + 0.5) / len(g) for g in by_class] + [np.zeros(0)])
+    klass = np.concatenate([np.full(len(g), c) for c, g in enumerate(by_class)] + [np.zeros(0, np.int64)])
     return rows[np.lexsort((klass, position))]
 
 
+def _given_labelled(src: sources.Source, protocol: sources.Protocol, labelled_rows: Any, num_labelled: int | None,
+                    rng: np.random.Generator, opts: dict) -> Plan:
+    """The splits when the caller names the labelled rows (build's labelled_rows): labelled = exactly those rows of
+    the training part, class-interleaved, each class in the given order; unlabelled = every other row of it,
+    shuffled; no validation split; test = the source's own test part, none carved from a single file."""
+    unset = [k for k, v in {"num_labelled": num_labelled, "num_val": opts["num_val"] or None,
+                            "test_fraction": opts["test_fraction"]}.items() if v is not None]
+    if unset:
+        raise DataError(f"labelled_rows names the labelled rows itself, with no validation split and no test part "
+                        f"carved: leave {', '.join(unset)} unset")
+    if protocol.target_bins or protocol.balance_by_truncation:
+        raise DataError("labelled_rows takes classes as the source gives them; this dataset's protocol bins its target "
+                        "or truncates its classes: use its own protocol")
+    train_part = "all" if "all" in src.x else "train"
+    n = len(src.x[train_part])
+    given = np.asarray(labelled_rows)
+    if given.ndim != 1 or (given.size and (given.dtype.kind not in "iu" or given.min() < 0 or given.max() >= n)):
+        raise DataError(f"labelled_rows must be a 1-D list of row indices in [0, {n}) (the training part's rows); "
+                        f"got {given.dtype} of shape {given.shape}"
+                        + (f", from {given.min()} to {given.max()}" if given.size and given.ndim == 1 else ""))
+    if len(np.unique(given)) != len(given):
+        raise DataError("labelled_rows names some rows more than once; give each labelled row once")
+    given, y = given.astype(np.int64), src.y[train_part]
+    labelled = _interleaved([given[y[given] == c] for c in range(len(src.class_names))])
+    unlabelled = rng.permutation(np.setdiff1d(np.arange(n), given))
+    test = ("test", np.arange(len(src.x["test"]))) if "test" in src.x else (train_part, np.zeros(0, np.int64))
+    splits = {"labelled": (train_part, labelled), "unlabelled": (train_part, unlabelled),
+              "val": (train_part, np.zeros(0, np.int64)), "test": test}
+    done = {"num_labelled": len(labelled), "balance": "given", "num_val": 0, "labelled_rows": "given"}
+    return Plan(splits, dict(src.y), list(src.class_names), train_part, done)
+
+
 def plan_splits(src: sources.Source, protocol: sources.Protocol, num_labelled: int | None = None,
-                seed: int = 0, **options: Any) -> Plan:
-    """Apply the split protocol (module docstring) to a read source; no files are written."""
+                seed: int = 0, labelled_rows: Any = None, **options: Any) -> Plan:
+    """Apply the split protocol (module docstring) to a read source; no files are written. `labelled_rows`: the
+    training part's rows to label, in place of the protocol's draw (build's docstring)."""
     opts = _options(options)
     rng = np.random.default_rng(seed)
+    if labelled_rows is not None:
+        return _given_labelled(src, protocol, labelled_rows, num_labelled, rng, opts)
     num_labelled = protocol.num_labelled if num_labelled is None else int(num_labelled)
     num_val = protocol.num_val if opts["num_val"] is None else opts["num_val"]
     test_fraction = protocol.test_fraction if opts["test_fraction"] is None else opts["test_fraction"]
@@ -427,9 +469,18 @@ def _samples(enc: Encoding, part: str, rows: np.ndarray, labels: np.ndarray, ind
         bar.update(1)
 
 
-def build(dataset: str, out: str, source: str = "", num_labelled: int | None = None, seed: int = 0,
-          **options: Any) -> dict:
+def build(dataset: str, out: str, source: str = "", num_labelled: int | None = None, seed: int = 0, *,
+          labelled_rows: Any = None, **options: Any) -> dict:
     """Read `dataset` from `source`, split it by its protocol and write shards + manifest to `out`.
+
+    `labelled_rows`: row indices of the source's training part (a single file's rows, or its train part) whose
+    labels are the labelled split, in place of the protocol's draw: the labelled split is exactly those rows
+    (class-interleaved, each class in the given order), the unlabelled split every other row of the training
+    part (shuffled by `seed`), there is no validation split, and the test split is the source's own test part
+    (none is carved from a single file). num_labelled, num_val and test_fraction stay unset with it; the
+    manifest's protocol records balance "given". Scaling, categories and medians come from all the training
+    part's rows, as from any training pool. The scikit-learn estimator builds its shards this way (y decides
+    which rows are labelled).
 
     Options (see OPTIONS): shard_size, num_val, test_fraction, balance, labelled_in_unlabelled,
     image_format, text, vocab_size, features, label_column, feature_columns, categorical_columns,
@@ -437,7 +488,7 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
     Returns the manifest."""
     opts = _options(options)
     src, protocol = sources.read(dataset, source, opts)
-    plan = plan_splits(src, protocol, num_labelled, seed, **options)
+    plan = plan_splits(src, protocol, num_labelled, seed, labelled_rows, **options)
     enc = _encoding(src, plan, opts)
     fs, root = url_to_fs(out)
     root = root.rstrip("/")

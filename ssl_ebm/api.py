@@ -11,7 +11,9 @@
 
 Inputs are tensors or arrays in the units of the source data: images as pixels (N, H, W[, C]) in
 0..255, vectors as the raw features (standardised here with the training shards' mean and std), text
-as word counts (N, V). Outputs are CPU tensors. Every method works `model.batch_size` (1024) examples or
+as word counts (N, V). A model trained on a table (CSV, parquet: the manifest's "columns" record) also
+takes its raw rows as a pandas DataFrame, by column name: strings, categories and missing values are
+encoded as the shard writer encoded the table (`from_table`). Outputs are CPU tensors. Every method works `model.batch_size` (1024) examples or
 chains at a time: each slice of the input is scaled, moved to the device, used and its outputs moved back
 before the next, so memory on the device does not grow with N. A checkpoint directory is a torch pickle (`model.pt`,
 loaded with weights_only=False: unpickling runs whatever code the file names), so `load` reads one only
@@ -41,7 +43,7 @@ CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 # What a model needs from the shard manifest to take and give data in its own units.
 MANIFEST_KEYS = ("dataset", "kind", "x_shape", "stored_shape", "num_classes", "class_names", "normalisation", "vocab",
-                 "feature_names")
+                 "feature_names", "columns", "na_values")
 # Out-of-distribution scores, each "higher = less like the training data".
 SCORES = ("neg_F", "energy", "neg_elbo", "neg_max_softmax")
 
@@ -199,6 +201,8 @@ class Model:
         mc = cfg.model
         kind = "image" if len(mc.x_shape) == 3 else "counts" if mc.likelihood == "multinomial" else "vector"
         manifest = {"feature_names": (manifest.get("source") or {}).get("feature_names"), **manifest}
+        if manifest.get("columns"):  # a table's: what from_table needs to read raw rows as the shard writer did
+            manifest.setdefault("na_values", (manifest.get("build_options") or {}).get("na_values") or [])
         self.manifest = {k: manifest[k] for k in MANIFEST_KEYS if manifest.get(k) is not None}
         self.manifest.setdefault("kind", kind)
         self.manifest.setdefault("x_shape", list(mc.x_shape))
@@ -240,7 +244,10 @@ class Model:
 
     def to_model_units(self, x) -> torch.Tensor:
         """Examples in the data's own units -> float32 (N, *model.x_shape) on the model's device, as the loaders
-        give. All of `x` at once: the methods below convert theirs batch by batch (`_batches`)."""
+        give. All of `x` at once: the methods below convert theirs batch by batch (`_batches`). A table's model
+        also takes a DataFrame of its raw rows (`from_table`)."""
+        if self._is_table(x):
+            x = self.from_table(x)
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
@@ -269,10 +276,40 @@ class Model:
             return torch.softmax(x_model, dim=-1)
         return torch.from_numpy(features.to_data(x_model.numpy(), self.manifest.get("normalisation") or {})).float()
 
+    def from_table(self, frame) -> np.ndarray:
+        """A table's raw rows (a pandas DataFrame with the table's feature columns, by name; others are ignored)
+        -> (N, width) float64 vectors in data units, encoded as the shard writer encoded the table's rows, by the
+        manifest's "columns" record (ssl_ebm/features.py, encode_columns): a missing number (NaN, None, a
+        na_values marker) becomes the training pool's median, with 1 in its "is missing" column if it has one;
+        a category becomes its one-hot slot, one the training pool never had the "(unseen)" slot of its block."""
+        record = self.manifest.get("columns")
+        if not record:
+            raise ModelError("x is a DataFrame, but this model was not trained on a table's columns (its manifest has "
+                             "no 'columns' record); pass its vectors (N, D) as numbers")
+        frame = frame.rename(columns=str)
+        names = [c["name"] for c in record["numeric"]] + [b["name"] for b in record["categorical"]]
+        lacking = [n for n in names if n not in frame.columns]
+        if lacking:
+            raise ModelError(f"x lacks the table column(s) {lacking[:5]} the model was trained on; give a DataFrame "
+                             f"with its columns {names[:20]}")
+        na = self.manifest.get("na_values") or []
+        numeric = [table_numbers(frame[c["name"]], na) for c in record["numeric"]]
+        categorical = [category_names(frame[b["name"]], na) for b in record["categorical"]]
+        return features.encode_columns(np.stack(numeric, 1) if numeric else np.zeros((len(frame), 0)),
+                                       np.stack(categorical, 1) if categorical else None, record)
+
+    def _is_table(self, x) -> bool:
+        """x is a table's raw rows: a DataFrame, for a model trained on a table."""
+        return bool(self.manifest.get("columns")) and hasattr(x, "columns") and hasattr(x, "iloc")
+
     def _batches(self, x):
         """`x` in model units on the device, batch_size examples at a time: each slice of the caller's array is
         converted (scaled in float64), moved and used before the next, so the device and the scaling hold one
         batch, never all N (1M CIFAR images would be 12 GB of float32)."""
+        if self._is_table(x):  # raw table rows: encoded a batch at a time, too
+            for i in range(0, len(x), self.batch_size):
+                yield self.to_model_units(x.iloc[i:i + self.batch_size])
+            return
         x = x if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(x)
         self._check_shape(tuple(x.shape))
         for i in range(0, len(x), self.batch_size):
@@ -396,6 +433,45 @@ class Model:
             for v in out.values():
                 v[-1] = v[-1].cpu()
         return {k: self._cat(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- a table's raw values
+
+
+def _missing(column, na_values: list[str]) -> np.ndarray:
+    """Where a table column's values are missing: NaN, None, pd.NA, or a na_values marker, as text or as the number
+    it spells (as pandas reads a CSV's markers)."""
+    import pandas as pd
+
+    missing = column.isna()
+    if na_values:
+        numbers = pd.to_numeric(pd.Series(list(na_values)), errors="coerce").dropna().tolist()
+        missing = missing | column.astype(str).isin(na_values) | column.isin(numbers)
+    return missing.to_numpy(dtype=bool)
+
+
+def table_numbers(column, na_values: list[str] = ()) -> np.ndarray:
+    """A numeric table column (a pandas Series) as float64, NaN where missing; a value that is not a number is
+    refused."""
+    import pandas as pd
+
+    missing = _missing(column, list(na_values))
+    values = pd.to_numeric(column.mask(missing), errors="coerce")
+    wrong = values.isna().to_numpy(dtype=bool) & ~missing
+    if wrong.any():
+        raise ModelError(f"x column {column.name!r} holds {column[wrong].iloc[0]!r}, not a number; the model reads "
+                         "it as numbers: give numbers, or NaN where one is missing")
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def category_names(column, na_values: list[str] = ()) -> np.ndarray:
+    """A categorical table column (a pandas Series) as the category names the table reader gives its values
+    (shards/sources.py): their text, an integral float without '.0' (a code column with missing values reads as
+    floats); None where missing. Object array (N,)."""
+    missing = _missing(column, list(na_values))
+    names = [None if m else str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
+             for v, m in zip(column.to_numpy(dtype=object), missing)]
+    return np.array(names, dtype=object)
 
 
 def read_examples(url: str, split: str = "test", limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

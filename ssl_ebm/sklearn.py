@@ -8,28 +8,31 @@
 
 `fit` runs the project's pipeline, not a copy of it, in a temporary folder it removes afterwards:
 1. the rows go to a table file that the shard writer reads with its `table` reader (shards/sources.py), so
-   they are encoded as any table is: features scaled with statistics of all the rows, labelled and not;
-2. the shard writer (shards/make.py) splits them as y says: the labelled split holds exactly the rows with a
-   label, every other row is unlabelled, and there is no validation or test split. No label outside the
-   labelled rows is ever read, and no checkpoint is chosen on labels: the model is the final weights, the
-   realistic protocol (Oliver et al., 2018);
+   they are encoded as any table is, with statistics of all the rows, labelled and not: numeric columns
+   scaled, a missing number (NaN) imputed by its column's median with a 0/1 "is missing" column beside it,
+   categorical columns one-hot (ssl_ebm/features.py);
+2. the shard writer (shards/make.py, build's labelled_rows) splits them as y says: the labelled split holds
+   exactly the rows with a label, every other row is unlabelled, and there is no validation or test split.
+   No label outside the labelled rows is ever read, and no checkpoint is chosen on labels: the model is the
+   final weights, the realistic protocol (Oliver et al., 2018);
 3. launch/train.py's train() trains it (Algorithm 1, the watchdog, checkpoints as its restore points) on the
    shared tabular defaults, configs/tabular.yaml, read at every fit: when the team changes them, the
-   estimator follows. Keyword arguments left at None keep them; `overrides` reaches any other config key;
+   estimator follows. Keyword arguments left at None keep them; `overrides` reaches any other config key.
+   Torch runs one thread on the CPU (train.cpu_threads=1, unless `overrides` sets it): the small MLPs run
+   fastest on one, and two threads that wait for each other at every small matrix product run about ten
+   times slower on a machine whose cores are busy (docs/PERFORMANCE.md);
 4. the last checkpoint is loaded as the API's Model (`model_`), which predicts, encodes and samples.
-
-The shard writer's protocol draws the labelled rows itself (class-balanced, seeded); here y decides them, so
-build() is handed the split as a `Plan` in place of its own `plan_splits` for that one call (`_given_split`).
-A `plan=` argument to shards.make.build would make that a plain call.
 
 launch/train.py and configs/tabular.yaml are read from the checkout this package is installed from
 (`pip install -e .`): the launchers are scripts, not package modules. This module is the one in the package
 that reaches above it, to the shard writer and the training script (tests/test_layout.py names it).
 
-X holds numbers for now, all finite (`_numeric_columns`, `_finite`). The table file is where more column kinds
-come in: write_shards hands the shard writer the DataFrame it is given, so once the table reader encodes
-categorical columns and missing values, a DataFrame can pass through as it is and the shards get the reader's
-encoding; predicting then needs the Model to encode new rows the same way (ssl_ebm/api.py).
+X is an array of numbers (its columns named x0, x1, ... in the table file) or a DataFrame: numeric columns (bools
+as 0/1) are numbers, every other column of strings, pandas categoricals or objects is categories (one-hot, its
+categories those of the fitted rows; a category new at predict time takes its block's "(unseen)" slot). NaN,
+None and pd.NA mark a missing value in either; infinite values are refused. Predicting hands the Model the rows
+as a DataFrame of the same columns, which it encodes by the shards' "columns" record exactly as the shard writer
+encoded the fitted rows (ssl_ebm/api.py, Model.from_table).
 
 One process, one fit at a time, in the main thread (the training loop installs signal handlers for SLURM
 preemption). What a run changes in its process is put back when fit returns: the random-number states it
@@ -61,7 +64,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import accuracy_score
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
 
 from ssl_ebm import api, runtime
 from ssl_ebm import config as C
@@ -100,15 +103,18 @@ MANAGED = ("data.shards", "data.dataset", "data.source", "data.num_labelled", "d
 class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
     """Semi-supervised classifier with a latent-space energy-based prior (Pang et al.), on tabular rows.
 
-    fit(X, y): X numeric (N, D), an array or a DataFrame; y the class labels, -1 on the unlabelled rows (in
-    an array of strings, "-1"). Labels may be of any type np.unique can order (ints, strings, ...).
+    fit(X, y): X (N, D), an array of numbers or a DataFrame whose non-numeric columns (strings, pandas
+    categoricals) are categories; NaN (None, pd.NA) where a value is missing. y the class labels, -1 on the
+    unlabelled rows (in an array of strings, "-1"). Labels may be of any type np.unique can order (ints, strings).
 
     Parameters from `n_updates` to `features` set the config keys PARAMS names; None keeps the shared
     tabular default (configs/tabular.yaml, read at fit time). `overrides`: any other config key, as a dict
     {"model.prior_hidden": 100} or a list ["sampler.step_size=0.4"]. `random_state`: int (train.seed and the
     order of the unlabelled rows) or None (a fresh seed per fit). `device`: None (the GPU if there is one),
-    "cpu", "cuda" or "cuda:N"; the fitted model predicts on the CPU. `verbose`: 0 quiet, 1 a progress bar
-    and the training loop's lines.
+    "cpu", "cuda" or "cuda:N"; the fitted model predicts on the CPU. On the CPU torch runs one thread
+    (train.cpu_threads=1, fastest for these small MLPs and steady on a busy machine); overrides
+    {"train.cpu_threads": 0} gives torch its default. `verbose`: 0 quiet, 1 a progress bar and the training
+    loop's lines.
 
     Fitted: classes_, n_features_in_ (feature_names_in_ for a DataFrame with string column names), model_ (the
     API's Model: predict_proba, encode, sample, generate, score in X's units), training_ (what train() returned:
@@ -141,9 +147,8 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y):
         """Train on the rows of X: the labelled ones (y != -1) and all of them as unlabelled data."""
-        _numeric_columns(X)
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], ensure_all_finite=False)
-        _finite(X)
+        frame, y = self._table(X, y, fitting=True)
+        _has_values(frame)
         classes, codes = split_labels(y)
         seed = _seed(self.random_state)
         device = _device(self.device)
@@ -151,12 +156,33 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
         cfg = C.load_config(str(TABULAR_DEFAULTS), overrides)  # a bad value stops here, before anything is written
         if cfg.train.steps < 1:
             raise ValueError(f"n_updates is {cfg.train.steps}; LatentEBMClassifier needs at least 1 update")
-        names = [str(n) for n in getattr(self, "feature_names_in_", [f"x{i}" for i in range(X.shape[1])])]
         with tempfile.TemporaryDirectory(prefix="ssl_ebm_fit_") as scratch:
-            url = write_shards(_frame(X, names), codes, classes, scratch, seed, features=cfg.data.features)
-            self.model_, self.training_ = train_model(overrides, url, scratch, device, self.verbose)
+            url = write_shards(frame, codes, scratch, seed, features=cfg.data.features)
+            model, self.training_ = train_model(overrides, url, scratch, device, self.verbose)
+        self.model_ = _named_classes(model, classes)
         self.classes_ = classes
         return self
+
+    def _table(self, X, y=None, fitting: bool = False):
+        """X as a table of named columns (`_table_columns`), checked as scikit-learn checks input: fitting, the
+        columns' count and names are recorded (and y checked, 1-D); predicting, compared with them."""
+        target = y if fitting else "no_validation"
+        if _is_frame(X):
+            out = validate_data(self, X, target, reset=fitting, skip_check_array=True)  # names and count only
+            if fitting:
+                y = column_or_1d(out[1], warn=True)
+                check_consistent_length(X, y)
+            frame = _table_columns(X, self._column_names())
+        else:  # numbers: scikit-learn's conversion and refusals, NaN let through to be imputed
+            out = validate_data(self, X, target, reset=fitting, dtype=[np.float64, np.float32], ensure_all_finite=False)
+            X, y = out if fitting else (out, None)
+            frame = pd.DataFrame(X, columns=self._column_names())
+        _no_infinity(frame)
+        return frame, y
+
+    def _column_names(self) -> list[str]:
+        """The table file's column names: a DataFrame's (all strings) or x0, x1, ... by position."""
+        return [str(n) for n in getattr(self, "feature_names_in_", [f"x{i}" for i in range(self.n_features_in_)])]
 
     def _overrides(self, codes: np.ndarray, seed: int) -> list[str]:
         """The dotted overrides of configs/tabular.yaml for this fit: the given keyword arguments, `overrides`,
@@ -172,6 +198,7 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
                 name = next(n for n, k in PARAMS.items() if k == key)
                 raise ValueError(f"{name}={given[key]!r} and overrides {key}={value!r} both set {key}; keep one")
         given.update(extra)
+        given.setdefault("train.cpu_threads", 1)  # the small MLPs run fastest on one thread (module docstring)
         n_labelled = int((codes >= 0).sum())
         if "data.batch_labelled" not in given:
             shared = C.load_config(str(TABULAR_DEFAULTS), _dotted(given)).data.batch_labelled
@@ -182,10 +209,20 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ prediction
     def predict_proba(self, X) -> np.ndarray:
-        """p(y | x) = softmax(f(mu(x))), (N, K), columns in the order of classes_."""
+        """p(y | x) = softmax(f(mu(x))), (N, K), columns in the order of classes_. The rows are encoded as the
+        shards were (Model.to_model_units of a table's rows) and go through the nets in batches of one size,
+        padded: float32 matrix products differ in their last bits with the number of rows, and a row should get
+        the same probabilities alone as among others."""
         check_is_fitted(self, "model_")
-        X = _finite(validate_data(self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=False))
-        proba = self.model_.predict_proba(X).double().numpy()
+        frame, step = self._table(X)[0], self.model_.batch_size
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(frame), step):
+                x = self.model_.to_model_units(frame.iloc[i:i + step])
+                padded = torch.zeros((step, *x.shape[1:]), dtype=x.dtype, device=x.device)
+                padded[:len(x)] = x
+                parts.append(self.model_.net.predict_proba(padded)[:len(x)].double().cpu())
+        proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(self.classes_)))
         return proba / proba.sum(axis=1, keepdims=True)  # rows sum to 1 in float64, not only in float32
 
     def predict(self, X) -> np.ndarray:
@@ -201,6 +238,11 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("y has no labelled rows to score (every value is -1); score on rows with labels")
         weight = None if sample_weight is None else np.asarray(sample_weight)[known]
         return float(accuracy_score(y[known], self.predict(_rows(X, known)), sample_weight=weight))
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = True  # a missing value, imputed as the table reader imputes it
+        return tags
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
@@ -257,49 +299,31 @@ def split_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def write_shards(frame, codes: np.ndarray, classes: np.ndarray, scratch: str, seed: int, features: str) -> str:
-    """Shards of the rows of `frame` (a DataFrame of the features) in `scratch`, split as codes say (-1:
-    unlabelled), by the shard writer through its table reader; their URL. The reader decides how columns are
-    encoded, so a column type it learns to read is encoded here as in any table's shards."""
+def write_shards(frame: pd.DataFrame, codes: np.ndarray, scratch: str, seed: int, features: str) -> str:
+    """Shards of the rows of `frame` (`_table_columns`) in `scratch`, split as codes say (-1: unlabelled), by the
+    shard writer through its table reader; their URL. The reader decides how columns are encoded; the columns
+    that are not numbers are named categorical, so that categories spelled as numbers stay categories."""
     from shards import make
 
     if LABEL_COLUMN in frame.columns:
         raise ValueError(f"X has a column named {LABEL_COLUMN!r}, the name the label takes in the table file; "
                          "rename that column")
     table = f"{scratch}/rows.parquet"
-    frame = frame.assign(**{LABEL_COLUMN: np.maximum(codes, 0)})  # unlabelled rows need some class; none is read
-    frame.to_parquet(table, index=False)
+    # The class codes as labels (the shards name the classes 0..K-1); unlabelled rows need one too, none is read.
+    frame.assign(**{LABEL_COLUMN: np.maximum(codes, 0)}).to_parquet(table, index=False)
     url = f"{scratch}/shards"
-    with _given_split(make, _plan(make, codes, classes, seed)):
-        make.build("table", url, source=table, label_column=LABEL_COLUMN, features=features, progress=False)
+    make.build("table", url, source=table, seed=seed, labelled_rows=np.flatnonzero(codes >= 0),
+               label_column=LABEL_COLUMN, features=features, progress=False,
+               categorical_columns=[c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])])
     return url
 
 
-def _plan(make, codes: np.ndarray, classes: np.ndarray, seed: int):
-    """The split y gives: labelled = the rows with a label, the classes interleaved as the writer orders them (any
-    contiguous part is balanced: data.py splits it by rank); unlabelled = the others, shuffled; no val, no test."""
-    rows = np.arange(len(codes))
-    labelled, known = rows[codes >= 0], codes[codes >= 0]
-    position = np.zeros(len(known))
-    for c in np.unique(known):
-        position[known == c] = (np.arange((known == c).sum()) + 0.5) / (known == c).sum()
-    labelled = labelled[np.lexsort((known, position))]
-    unlabelled = np.random.default_rng(seed).permutation(rows[codes < 0])
-    splits = {"labelled": labelled, "unlabelled": unlabelled, "val": rows[:0], "test": rows[:0]}
-    return make.Plan({s: ("all", r) for s, r in splits.items()}, {"all": np.maximum(codes, 0)},
-                     [str(c) for c in classes], "all",
-                     {"num_labelled": len(labelled), "num_val": 0, "labelled_rows": "given by y (ssl_ebm.sklearn)"})
-
-
-@contextlib.contextmanager
-def _given_split(make, plan):
-    """make.build splits by `plan` for the block, instead of drawing the labelled rows by its protocol."""
-    own = make.plan_splits
-    make.plan_splits = lambda *args, **kwargs: plan
-    try:
-        yield
-    finally:
-        make.plan_splits = own
+def _named_classes(model: api.Model, classes: np.ndarray) -> api.Model:
+    """`model` with its classes named as y names them (its shards name them by their codes 0..K-1), so that
+    model.sample(n, y="cat") takes a label."""
+    model.class_names = [str(c) for c in classes]
+    model.manifest["class_names"] = model.class_names
+    return model
 
 
 @functools.lru_cache(maxsize=1)
@@ -448,29 +472,44 @@ def _device(device) -> str | None:
     return str(parsed)
 
 
-def _frame(X: np.ndarray, names: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(X, columns=names)
+def _is_frame(X) -> bool:
+    return hasattr(X, "columns") and hasattr(X, "dtypes") and hasattr(X, "iloc")
 
 
-def _numeric_columns(X) -> None:
-    """A DataFrame's columns must be numbers (bools included) for now: name the first that is not."""
-    dtypes = getattr(X, "dtypes", None)
-    if dtypes is None or not hasattr(X, "columns"):
-        return
-    for column, dtype in dtypes.items():
-        if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
-            raise ValueError(f"X column {column!r} is {dtype}, not numeric: LatentEBMClassifier reads numeric "
-                             "columns; encode it first (e.g. OneHotEncoder or OrdinalEncoder in a Pipeline)")
+def _table_columns(X, names: list[str]) -> pd.DataFrame:
+    """A DataFrame's columns as the table file holds them, renamed `names` by position: numeric columns (bools
+    included) as float64, NaN where missing; every column of strings, pandas categoricals or objects as its
+    category names (api.category_names, as the Model names them when it predicts), None where missing. Other
+    kinds (dates, durations, complex numbers) are refused."""
+    columns = {}
+    for name, (label, column) in zip(names, X.items()):
+        dtype = column.dtype
+        if pd.api.types.is_bool_dtype(dtype) or (pd.api.types.is_numeric_dtype(dtype)
+                                                  and not pd.api.types.is_complex_dtype(dtype)):
+            columns[name] = api.table_numbers(column)
+        elif isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype):
+            columns[name] = api.category_names(column)
+        else:
+            raise ValueError(f"X column {label!r} is {dtype}: LatentEBMClassifier reads numbers and categories "
+                             "(strings, pandas categoricals); convert it to one of them first")
+    return pd.DataFrame(columns, index=range(len(X)))
 
 
-def _finite(X: np.ndarray) -> np.ndarray:
-    """X itself if every value is finite. Missing values are refused, as the shard writer refuses them in a table."""
-    rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
+def _has_values(frame: pd.DataFrame) -> None:
+    """Every column of the rows to fit has a value somewhere (a median or a category to learn)."""
+    for name in frame.columns:
+        if frame[name].isna().all():
+            raise ValueError(f"X column {name!r} has no value (all {len(frame)} rows are missing); drop it")
+
+
+def _no_infinity(frame: pd.DataFrame) -> None:
+    """No infinite number: NaN is a missing value, imputed; inf has no median to stand for it."""
+    numbers = frame.select_dtypes("number").to_numpy(dtype=np.float64)
+    rows = np.flatnonzero(np.isinf(numbers).any(axis=1))
     if len(rows):
-        raise ValueError(f"X holds NaN or infinite values in {len(rows)} row(s), the first at row {rows[0]}; "
-                         "LatentEBMClassifier reads finite numbers: impute or drop them first (e.g. SimpleImputer "
-                         "in a Pipeline)")
-    return X
+        raise ValueError(f"X holds infinite values in {len(rows)} row(s), the first at row {rows[0]}; "
+                         "LatentEBMClassifier reads finite numbers and NaN where a value is missing: replace or drop "
+                         "them first")
 
 
 def _rows(X, mask: np.ndarray):

@@ -330,13 +330,13 @@ def test_ood_cli_reports_auroc_for_another_dataset(trained, tmp_path):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def _untrained(x_shape, likelihood="gaussian", manifest=None) -> api.Model:
+def _untrained(x_shape, likelihood="gaussian", manifest=None, num_classes=3) -> api.Model:
     from ssl_ebm import config as C
     from ssl_ebm.model import LatentEBM
 
     torch.manual_seed(0)
     cfg = C.from_dict(C.Config, {"model": {"x_shape": list(x_shape), "likelihood": likelihood, "z_dim": 4,
-                                           "hidden": 16, "prior_hidden": 16, "num_classes": 3}})
+                                           "hidden": 16, "prior_hidden": 16, "num_classes": num_classes}})
     return api.Model(LatentEBM(cfg.model).eval(), cfg, manifest or {})
 
 
@@ -374,3 +374,57 @@ def test_text_top_words_per_class(tmp_path):
     assert [ln.split(":")[0] for ln in lines] == ["a", "b", "c"]
     top_a = [vocab[i] for i in probs[y == 0].mean(0).topk(3).indices.tolist()]
     assert lines[0].split(": ")[1].split() == top_a
+
+
+# ----------------------------------------------------------------------------- a table's raw rows
+
+
+def _bank_rows(n: int, jobs: list[str], seed: int):
+    """Rows as a user's table has them: an age with empty cells, an income with an 'unknown' marker, a job (string
+    categories, 'unknown' among them), a grade code with empty cells (read as floats), a label y."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    income = [("unknown" if i % 11 == 5 else round(float(v), 2)) for i, v in enumerate(rng.normal(1000, 300, n))]
+    return pd.DataFrame({"age": np.where(np.arange(n) % 9 == 4, np.nan, rng.integers(20, 70, n)), "income": income,
+                         "job": rng.choice(jobs, n), "grade": np.where(np.arange(n) % 7 == 2, np.nan, np.arange(n) % 3),
+                         "y": np.arange(n) % 2})
+
+
+def test_a_table_model_encodes_raw_rows_as_its_shards_did(tmp_path):
+    """A DataFrame of raw rows (read from the test file as a user reads it: 'unknown' still text, empty cells NaN)
+    becomes exactly the vectors the shard writer stored for those rows: medians and "is missing" columns, one-hot
+    jobs, an unseen job in its block's "(unseen)" slot, scaling; by column name; kept through export and load."""
+    import pandas as pd
+    from shard_files import read_split
+    from shards.make import build
+
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    _bank_rows(90, ["admin", "blue", "unknown"], 0).to_csv(folder / "train.csv", index=False)
+    test = _bank_rows(20, ["admin", "blue", "unknown", "chef"], 1)
+    test.to_csv(folder / "test.csv", index=False)
+    url = str(tmp_path / "shards")
+    manifest = build("table", url, str(folder), num_labelled=10, label_column="y", na_values="unknown",
+                     categorical_columns="grade", progress=False)
+    model = _untrained(manifest["x_shape"], manifest=manifest, num_classes=2)
+    model.batch_size = 8  # raw rows are encoded a batch at a time too
+    rows = pd.read_csv(folder / "test.csv")
+    x_shards = read_split(url, "test")[0]
+    np.testing.assert_allclose(model.to_model_units(rows).numpy(), x_shards, atol=1e-6)
+    job = next(b for b in manifest["columns"]["categorical"] if b["name"] == "job")
+    assert job["categories"] == ["(missing)", "admin", "blue", "(unseen)"]
+    assert manifest["columns"]["categorical"][1]["categories"] == ["(missing)", "0", "1", "2", "(unseen)"]  # not "0.0"
+    data = model.from_table(rows)  # data units: what the shards hold before scaling
+    assert data.shape == (20, manifest["x_shape"][0]) and (rows["job"] == "chef").any()
+    assert (data[:, job["start"] + 3] == (rows["job"] == "chef")).all()
+    torch.testing.assert_close(model.encode(rows)[0], model.encode(data)[0])
+    shuffled = rows[["y", "grade", "job", "income", "age"]]  # columns by name; the label column is ignored
+    again = ssl_ebm.load(api.export(model, f"memory://table-{id(model)}"))
+    torch.testing.assert_close(again.predict_proba(shuffled), model.predict_proba(rows))
+    with pytest.raises(api.ModelError, match=r"x lacks the table column\(s\) \['job'\] the model was trained on"):
+        model.predict(rows.drop(columns="job"))
+    with pytest.raises(api.ModelError, match="x column 'income' holds 'lots', not a number"):
+        model.predict(rows.assign(income=["lots"] * 20))
+    with pytest.raises(api.ModelError, match="x is a DataFrame, but this model was not trained on a table"):
+        _untrained((3,)).from_table(rows)

@@ -315,6 +315,42 @@ def test_csv_and_parquet_tables_round_trip(tmp_path):
     assert m["kind"] == "counts" and sorted(m["vocab"]) == ["blue", "green", "red", "sea", "sky"]
 
 
+def test_build_with_labelled_rows_holds_exactly_those_rows(tmp_path):
+    """build(labelled_rows=...): the labelled split is exactly the given rows with their own labels, classes
+    interleaved and each class in the given order; every other row is unlabelled; no val; no test carved from one
+    file, a folder's own test part kept; the pool (all training rows) gives the scaling."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 2)), np.array(["a", "b", "c"])[np.arange(50) % 3]
+    pd.DataFrame({"f1": x[:, 0], "f2": x[:, 1], "label": y}).to_csv(tmp_path / "t.csv", index=False)
+    given = [40, 3, 7, 11, 2, 30]  # b a b c c a: 2 rows of each class
+    url = str(tmp_path / "given")
+    m = build("table", url, str(tmp_path / "t.csv"), labelled_rows=given, seed=1, progress=False)
+    assert {s: m["splits"][s]["count"] for s in SPLITS} == {"labelled": 6, "unlabelled": 44, "val": 0, "test": 0}
+    assert m["split_indices"]["labelled"] == [3, 40, 11, 30, 7, 2]  # a b c a b c
+    assert sorted(m["split_indices"]["unlabelled"]) == sorted(set(range(50)) - set(given))
+    x_read, y_read, _ = read_split(url, "labelled")
+    np.testing.assert_allclose(x_read, standardised(m, x[m["split_indices"]["labelled"]]), atol=1e-5)
+    assert [m["class_names"][c] for c in y_read] == y[m["split_indices"]["labelled"]].tolist()
+    np.testing.assert_allclose(m["normalisation"]["mean"], x.mean(0), atol=1e-6)
+    assert m["protocol"]["balance"] == "given" and m["protocol"]["num_val"] == 0
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pd.DataFrame({"f1": x[:40, 0], "label": y[:40]}).to_parquet(folder / "train.parquet")
+    pd.DataFrame({"f1": x[40:, 0], "label": y[40:]}).to_parquet(folder / "test.parquet")
+    m = build("table", str(tmp_path / "parts_given"), str(folder), labelled_rows=[0, 1, 2], progress=False)
+    assert {s: m["splits"][s]["count"] for s in SPLITS} == {"labelled": 3, "unlabelled": 37, "val": 0, "test": 10}
+    assert m["source"]["split_parts"]["test"] == "test"
+    for kwargs, message in [({"labelled_rows": [0, 50]}, r"labelled_rows must be a 1-D list of row indices in "
+                                                          r"\[0, 50\) .*, from 0 to 50"),
+                            ({"labelled_rows": [4, 4]}, "labelled_rows names some rows more than once"),
+                            ({"labelled_rows": [4], "num_val": 5}, "labelled_rows names the labelled rows itself, "
+                                                                   "with no validation split .*: leave num_val unset")]:
+        with pytest.raises(DataError, match=message):
+            build("table", str(tmp_path / "bad"), str(tmp_path / "t.csv"), progress=False, **kwargs)
+
+
 def test_image_folder_round_trip(tmp_path):
     from PIL import Image
 

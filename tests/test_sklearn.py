@@ -1,5 +1,6 @@
 """LatentEBMClassifier (ssl_ebm/sklearn.py): scikit-learn's estimator checks, y = -1 for unlabelled rows, the
-shards it writes, a Pipeline in cross_val_score beside SelfTrainingClassifier, pickling, clone, bad input."""
+shards it writes, DataFrames with categories and missing values, a Pipeline in cross_val_score beside
+SelfTrainingClassifier, pickling, clone, bad input."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from ssl_ebm.sklearn import LatentEBMClassifier
 
 # Small nets, few updates at higher learning rates: a fit takes about 0.3 s of one core, and still scores over
-# 0.9 on the checks' blobs (check_classifiers_train asks for 0.83). One torch thread: tiny MLPs run fastest on one.
+# 0.9 on the checks' blobs (check_classifiers_train asks for 0.83). One torch thread, the estimator's default.
 FAST = dict(n_updates=30, z_dim=4, hidden=32, prior_hidden=32, batch_unlabelled=32, sampler_steps=5, lr_prior=3e-3,
-            lr_encoder=1e-2, overrides={"sampler.bank_size": 256, "train.cpu_threads": 1}, random_state=0)
+            lr_encoder=1e-2, overrides={"sampler.bank_size": 256}, random_state=0)
 
 # The checks that do not fit a semi-supervised classifier, and why. scikit-learn exempts its own
 # (LabelSpreading, SelfTrainingClassifier) from the first by name; it cannot know ours.
@@ -45,14 +46,17 @@ def blobs(n: int = 240, k: int = 2, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 def test_the_shards_hold_exactly_the_labelled_rows_and_no_validation_or_test(tmp_path):
     """The labelled split is the rows y labels (their labels, nothing else); every other row is unlabelled; no
     val or test split, so no other label exists; features are scaled with all rows' statistics."""
+    import pandas as pd
+
     from ssl_ebm import data
-    from ssl_ebm.sklearn import _frame, split_labels, write_shards
+    from ssl_ebm.sklearn import split_labels, write_shards
 
     x, y = blobs()
     y_semi = np.where(np.arange(len(y)) % 12 == 0, y, -1)  # 20 labelled rows of 240
     classes, codes = split_labels(y_semi)
-    url = write_shards(_frame(x, ["a", "b", "c", "d"]), codes, classes, str(tmp_path), seed=0, features="standard")
+    url = write_shards(pd.DataFrame(x, columns=["a", "b", "c", "d"]), codes, str(tmp_path), seed=0, features="standard")
     manifest = data.read_manifest(url)
+    assert manifest["protocol"]["balance"] == "given"
     counts = {split: info["count"] for split, info in manifest["splits"].items()}
     assert counts == {"labelled": 20, "unlabelled": 220, "val": 0, "test": 0}
     labelled = manifest["split_indices"]["labelled"]
@@ -93,6 +97,48 @@ def test_a_dataframe_keeps_its_column_names():
     with pytest.raises(ValueError, match="feature names"):  # scikit-learn's own check of the column order
         clf.predict(shuffled)
     assert np.array_equal(clf.predict(shuffled[clf.feature_names_in_]), clf.predict(frame))
+
+
+def test_a_dataframe_with_categories_and_missing_values(tmp_path):
+    """String and pandas categorical columns become the table reader's one-hot blocks and NaN its medians with an
+    "is missing" column; predict encodes new rows exactly as the shards hold the fitted ones (the same vectors),
+    a category never fitted takes its "(unseen)" slot, and the class signal that lives only in a string column is
+    learnt. The encoding survives pickling."""
+    import pickle
+
+    import pandas as pd
+
+    from shard_files import read_split
+    from ssl_ebm import data
+    from ssl_ebm.sklearn import split_labels, write_shards
+
+    rng = np.random.default_rng(0)
+    n = 240
+    y = np.arange(n) % 3
+    colour = np.array(["red", "green", "blue"], dtype=object)[y]  # the class, told by the string column only
+    colour[rng.choice(n, 12, replace=False)] = None
+    frame = pd.DataFrame({"noise": rng.normal(size=n), "count": rng.poisson(3, n).astype(float), "colour": colour,
+                          "size": pd.Categorical(rng.choice(["S", "M", "L"], n)), "code": rng.choice(["7", "12"], n)})
+    frame.loc[[3, 50, 77], "count"] = np.nan
+    y_semi = np.where(np.arange(n) % 8 == 0, y, -1)  # 30 labelled rows
+    clf = LatentEBMClassifier(**{**FAST, "n_updates": 60}).fit(frame, y_semi)
+    manifest = clf.model_.manifest
+    assert [b["categories"] for b in manifest["columns"]["categorical"]] == [
+        ["(missing)", "blue", "green", "red", "(unseen)"], ["L", "M", "S", "(unseen)"], ["12", "7", "(unseen)"]]
+    assert "count is missing" in manifest["feature_names"]
+    assert clf.score(frame, y) > 0.9, "the colour column carries the class"
+    # The same rows, written by the same writer: the vectors the model encodes are the ones its shards held.
+    url = write_shards(clf._table(frame)[0], split_labels(y_semi)[1], str(tmp_path), seed=0, features="standard")
+    x_read, _, _ = read_split(url, "unlabelled")
+    rows = data.read_manifest(url)["split_indices"]["unlabelled"]
+    np.testing.assert_allclose(clf.model_.to_model_units(clf._table(frame.iloc[rows])[0]).numpy(), x_read, atol=1e-6)
+    new = pd.DataFrame({"noise": [0.1, 0.2], "count": [np.nan, 2.0], "colour": ["purple", "red"],
+                        "size": pd.Categorical(["XL", "S"]), "code": ["3", "7"]})
+    data_units = clf.model_.from_table(clf._table(new)[0])
+    unseen = [b["start"] + b["size"] - 1 for b in manifest["columns"]["categorical"]]
+    assert data_units[0, unseen].tolist() == [1.0] * 3 and data_units[1, unseen].tolist() == [0.0] * 3
+    assert clf.predict(new)[1] == 0, "red is class 0"
+    assert np.array_equal(pickle.loads(pickle.dumps(clf)).predict_proba(new), clf.predict_proba(new))
 
 
 # ----------------------------------------------------------------------------- in scikit-learn's tools
@@ -193,8 +239,8 @@ def test_parameters_follow_the_shared_tabular_defaults(tmp_path, monkeypatch):
     shared = C.load_config(str(changed))
     assert cfg.model.z_dim == 3 and cfg.model.obs_sigma == shared.model.obs_sigma
     assert cfg.data.batch_labelled == min(shared.data.batch_labelled, 24) == 24
-    cfg = LatentEBMClassifier(**{**fast, "z_dim": 5, "overrides": ["sampler.bank_size=300", "model.sigma0=0.5",
-                                                                   "train.cpu_threads=1"]}).fit(x, y_semi).model_.cfg
+    cfg = LatentEBMClassifier(**{**fast, "z_dim": 5, "overrides": ["sampler.bank_size=300", "model.sigma0=0.5"]}
+                              ).fit(x, y_semi).model_.cfg
     assert (cfg.model.z_dim, cfg.sampler.bank_size, cfg.model.sigma0) == (5, 300, 0.5)
     for name, key in sk.PARAMS.items():  # every keyword argument is a real config key of the shared defaults
         section, field = key.split(".")
@@ -203,6 +249,17 @@ def test_parameters_follow_the_shared_tabular_defaults(tmp_path, monkeypatch):
 
 X_BLOBS, Y_BLOBS = blobs(n=40, seed=6)
 Y_SEMI = np.where(np.arange(40) % 4 == 0, Y_BLOBS, -1)
+
+
+def test_one_torch_thread_unless_overridden():
+    """fit passes train.cpu_threads=1 (fastest for these small MLPs, steady on a busy machine) unless overrides set
+    it."""
+    from ssl_ebm.sklearn import split_labels
+
+    codes = split_labels(Y_SEMI)[1]
+    assert "train.cpu_threads=1" in LatentEBMClassifier(**FAST)._overrides(codes, 0)
+    assert "train.cpu_threads=0" in LatentEBMClassifier(overrides={"train.cpu_threads": 0})._overrides(codes, 0)
+    assert LatentEBMClassifier(**FAST).fit(X_BLOBS, Y_SEMI).model_.cfg.train.cpu_threads == 1
 
 
 @pytest.mark.parametrize("params, y, match", [
@@ -231,14 +288,17 @@ def test_bad_rows_and_places_are_one_clear_line():
     import pandas as pd
     import torch
 
-    frame = pd.DataFrame({"size": np.arange(40.0), "colour": ["red", "blue"] * 20})
-    with pytest.raises(ValueError, match="X column 'colour' is (str|object), not numeric: .* encode it first"):
+    frame = pd.DataFrame({"size": np.arange(40.0), "when": pd.date_range("2026-01-01", periods=40)})
+    with pytest.raises(ValueError, match=r"X column 'when' is datetime64\[.*\]: LatentEBMClassifier reads numbers "
+                                         "and categories .*; convert it to one of them first"):
         LatentEBMClassifier(**FAST).fit(frame, Y_SEMI)
+    with pytest.raises(ValueError, match="X column 'notes' has no value .all 40 rows are missing.; drop it"):
+        LatentEBMClassifier(**FAST).fit(frame.assign(when=1.0, notes=None), Y_SEMI)
     with pytest.raises(ValueError, match="X has a column named '__label__', the name the label takes in the table"):
         LatentEBMClassifier(**FAST).fit(pd.DataFrame({"__label__": np.arange(40.0)}), Y_SEMI)
     x = X_BLOBS.copy()
-    x[3, 1] = np.nan
-    with pytest.raises(ValueError, match="X holds NaN or infinite values in 1 row.s., the first at row 3; "):
+    x[3, 1] = np.inf
+    with pytest.raises(ValueError, match="X holds infinite values in 1 row.s., the first at row 3; "):
         LatentEBMClassifier(**FAST).fit(x, Y_SEMI)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device is 'cuda' but torch sees no GPU here"):
