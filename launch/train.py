@@ -10,6 +10,11 @@ the loop (`train_step`, then the periodic actions in order), teardown. A step is
 
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__":  # SLURM's stop signals wait, held, while the imports below run (seconds), until
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))  # main() installs its handlers
+
 import argparse
 import sys
 import time
@@ -25,7 +30,7 @@ from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.loop import (Preempted, Run, checkpoint, due, evaluate_and_keep_best, finish, log_step, preempt,
-                          save_images)
+                          save_images, stop_if_requested)
 from ssl_ebm.resume import start_or_resume
 from ssl_ebm.state import TrainingState
 
@@ -130,9 +135,11 @@ def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
-    """`before_step(done, state)`, if given, runs before every step (tests inject faults through it)."""
+def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemption | None = None) -> dict:
+    """`before_step(done, state)`, if given, runs before every step (tests inject faults through it);
+    `preemption`: the stop-signal handlers, installed by main before anything slow."""
     t_start = time.time()
+    preemption = preemption or runtime.Preemption()
     if cfg.train.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.cpu_threads)
     out_dir = cfg.train.out_dir.rstrip("/")
@@ -141,6 +148,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
     store.check_writable()  # fail now, not after hours of training
     with acc.main_process_first():  # build the shards on first use (main process first, the others then read)
         url = make.ensure(cfg.data)
+    stop_if_requested(acc, preemption, "after the shards")
     manifest = data.read_manifest(url)
     cfg = fill_from_manifest(replace(cfg, data=replace(cfg.data, shards=url)), raw, manifest)
 
@@ -149,6 +157,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         else torch.contiguous_format
     state = TrainingState.create(cfg, acc, memory_format=fmt)  # identical initial weights on every rank
     start_or_resume(state, store, cfg.train.resume)  # a new run id, or resume (its own checkpoints, live timeline)
+    stop_if_requested(acc, preemption, "after resuming" if state.counters["step"] else "before the first step")
     if acc.is_main_process:  # after the checks above: a refused run overwrites nothing
         logs.write_text(f"{out_dir}/config.yaml", C.dump_config(cfg))
     start = state.counters["step"]
@@ -159,7 +168,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
     monitor = health.Monitor(cfg)
     run = Run(cfg, state, store, url, out_dir, monitor, health.Watchdog(cfg, acc, store, jsonl), jsonl,
               CapturedLangevin(state.net.prior, enabled=cfg.sampler.cuda_graph) if cfg.train.method == "ebm" else None,
-              fmt, progress_bar(acc, cfg, start))
+              fmt, progress_bar(acc, cfg, start), preemption)
     if cfg.health.watchdog and start == 0:  # somewhere for the watchdog to go back to before the first checkpoint
         state.save(store, "step", 0)
     stream = data.train_batches(
@@ -167,7 +176,7 @@ def train(cfg: C.Config, raw: dict, before_step=None) -> dict:
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
         start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
-    # offset moves when a resume changes the process count (ssl_ebm/resume.py)
+    # offset moves when a resume changes the process count or train.grad_accum (ssl_ebm/resume.py)
     val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
     pause = t.stop_after if 0 < t.stop_after < end else None  # validated and checkpointed there, then finish()
@@ -217,11 +226,12 @@ def progress_bar(acc, cfg: C.Config, start: int):
 
 
 def main(argv=None, before_step=None) -> int:
+    preemption = runtime.Preemption()  # first: a stop signal during start-up is remembered, not fatal
     args = parse_args(argv)
     try:
         raw = C.raw_tree(args.config, args.overrides)
         cfg = C.from_dict(C.Config, raw)
-        train(cfg, raw, before_step)
+        train(cfg, raw, before_step, preemption)
     except (C.ConfigError, data.DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

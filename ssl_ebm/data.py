@@ -526,11 +526,15 @@ class _PartCache:
             self.held += size
 
 
-def _loader(dataset: IterableDataset, num_workers: int) -> Iterator[dict]:
+def _loader(dataset: IterableDataset, num_workers: int, seed: int = 0) -> Iterator[dict]:
+    """The dataset itself, or a DataLoader over `num_workers` processes. The loader's own generator, seeded
+    here, gives its workers their base seed: without one, creating the iterator draws it from the global
+    CPU random state, which training's noise shares (and a resumed run creates it at another update)."""
     if num_workers == 0:
         yield from dataset
         return
-    yield from DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4)
+    generator = torch.Generator().manual_seed(seed)
+    yield from DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=4, generator=generator)
 
 
 def train_batches(url: str, *, batch_unlabelled: int, batch_labelled: int, seed: int, rank: int = 0,
@@ -552,7 +556,7 @@ def train_batches(url: str, *, batch_unlabelled: int, batch_labelled: int, seed:
         raise DataError(f"cache_mb is {cache_mb}: use >= 0 (0 reads every epoch from storage)")
     stream = _TrainStream(url, read_manifest(url), batch_unlabelled, batch_labelled, seed, rank, world_size,
                           num_workers, shuffle_buffer, start_step, cache_mb << 20)
-    return _loader(stream, num_workers)
+    return _loader(stream, num_workers, _seed(seed, rank, 2))
 
 
 # ----------------------------------------------------------------------------- evaluation

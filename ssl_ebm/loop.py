@@ -8,6 +8,8 @@ the periodic actions the loop calls after each step, in this order:
     checkpoint              every train.checkpoint_every steps, at the last and at an early stop: step-<step>
     preempt                 on a stop signal (SLURM): checkpoint, then Preempted (exit status 75: requeue me)
 
+`stop_if_requested` does the same for a signal during start-up, before any step (nothing to save).
+
 and `finish`, the teardown: the test split on the weights best on validation, metrics.json.
 """
 
@@ -29,7 +31,7 @@ from ssl_ebm.state import TrainingState
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is written."""
+    """Raised after the preemption checkpoint is written (or, during start-up, with nothing to write)."""
 
 
 @dataclass
@@ -129,6 +131,17 @@ def evaluate_and_keep_best(run: Run, done: int) -> None:
 
 def checkpoint(run: Run, done: int) -> None:
     run.state.save(run.store, "step", done, **run.monitor.checkpoint_health())
+
+
+def stop_if_requested(acc, preemption: runtime.Preemption, where: str) -> None:
+    """A stop signal that came during start-up, before the first step: every rank agrees (one small gather)
+    and the run ends with the requeue status having written nothing; the requeued job starts again from the
+    checkpoint this one resumed (or from scratch). Called between the steps of start-up that must not be cut."""
+    stop = runtime.gather(acc, torch.tensor([float(preemption.requested)], device=acc.device))
+    if bool(stop.any()):
+        acc.print(f"stop signal received during start-up ({where}): no step taken, nothing written; exiting "
+                  f"with status {runtime.Preemption.EXIT_CODE} so the job is requeued", flush=True)
+        raise Preempted()
 
 
 def preempt(run: Run, done: int) -> None:

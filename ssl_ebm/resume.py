@@ -19,7 +19,11 @@ training continues, so neither the teardown nor a later resume can pick them.
 Elastic resume (DDP only; docs/HEALTH.md, "Resuming on another process count"). A checkpoint saved by N
 processes resumes on M: the weights and optimizer are whole in model.pt / optimizer.pt; the N rank files'
 chain banks are pooled and split; the RNGs are reseeded; the data stream continues at the same point of
-its epoch (see `elastic_data_offset`).
+its epoch: the N ranks had each read `batches_read` micro-batches (kept in meta.json), so each of the M
+continues at batch batches_read * N // M of the M-process stream: the same epoch and the same point in it
+(every rank's part shrinks or grows by N / M), though not the same examples (the parts and their shuffles
+depend on the rank). The position is counted in micro-batches, never as step x train.grad_accum, which
+a resume may change.
 """
 
 from __future__ import annotations
@@ -54,15 +58,27 @@ def start_or_resume(state, store: CheckpointStore, resume: str) -> None:
     dropped = drop_dead_timeline(acc, store, step)
     gone = f"; removed the abandoned timeline after step {step}: {', '.join(dropped)}" if dropped else ""
     acc.print(f"resumed from {source.url_of(name)} at step {step}{gone}")
+    offset = data_offset(batches_read(state.counters, source, name), step, state.cfg.train.grad_accum, meta_world,
+                         acc.num_processes)
+    state.counters["data_offset"] = offset
     if meta_world != acc.num_processes:
-        micro = step * state.cfg.train.grad_accum  # the stream counts micro-batches
-        state.counters["data_offset"] = elastic_data_offset(micro, state.counters.get("data_offset", 0),
-                                                            meta_world, acc.num_processes)
         acc.print(f"resumed {name} saved by {meta_world} process{'es' if meta_world > 1 else ''} on "
                   f"{acc.num_processes}: {state.elastic}, "
-                  f"data position batch {micro + state.counters['data_offset']} of the {acc.num_processes}-process "
+                  f"data position batch {step * state.cfg.train.grad_accum + offset} of the {acc.num_processes}-process "
                   "stream (the same epoch and point in it; other examples than the old ranks would have read), "
                   "RNG reseeded from train.seed, rank and step")
+
+
+def batches_read(meta: dict, store: CheckpointStore, name: str) -> int:
+    """The micro-batches each process's data stream had yielded when checkpoint `name` was written (its
+    meta.json's `batches_read`). Not the step times this run's train.grad_accum: a resume may change that
+    (8 processes at 1 requeued on 4 at 2), and the position must not move with it. Checkpoints written before
+    the count was kept: the step times the grad_accum of their config.yaml, plus the elastic offset."""
+    if "batches_read" in meta:
+        return int(meta["batches_read"])
+    saved = yaml.safe_load(store.read_text(name, "config.yaml")) if store.exists(name, "config.yaml") else None
+    accum = int(((saved or {}).get("train") or {}).get("grad_accum", 1))
+    return meta["step"] * accum + meta.get("data_offset", 0)
 
 
 def refuse_occupied(store: CheckpointStore, resume: str) -> None:
@@ -116,13 +132,12 @@ def check_model_config(store: CheckpointStore, name: str, cfg: C.Config) -> None
 # ----------------------------------------------------------------------------- elastic DDP resume
 
 
-def elastic_data_offset(step: int, offset: int, saved_world: int, world: int) -> int:
-    """The data stream's new offset from `step`, the micro-batches every rank had read by the resumed update
-    (update count times train.grad_accum). The old ranks had each read `step + offset` batches;
-    the same number of examples in all spread over `world` ranks is (step + offset) * saved_world // world
-    batches each: that is the same epoch and the same point in it (every rank's part shrinks or grows by
-    saved_world / world), though not the same examples (the parts and their shuffles depend on the rank)."""
-    return (step + offset) * saved_world // world - step
+def data_offset(read: int, step: int, grad_accum: int, saved_world: int, world: int) -> int:
+    """The data stream's offset for a run resumed at update `step`: the loop starts the stream at micro-batch
+    step * grad_accum + offset. The `saved_world` old ranks had each read `read` micro-batches; the same number
+    of examples spread over `world` ranks is read * saved_world // world batches each: the same epoch and the
+    same point in it. The position never depends on this run's grad_accum, only the offset does."""
+    return read * saved_world // world - step * grad_accum
 
 
 def elastic_seed(seed: int, rank: int, step: int) -> int:

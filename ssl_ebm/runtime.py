@@ -349,16 +349,23 @@ def full_params(accelerator, module, modify: bool = False):
 class Preemption:
     """SIGTERM and SIGUSR1 (SLURM's warning signal before preemption or the time limit) set a flag.
 
-    The loop checks the flag with its per-step status gather, writes a checkpoint and exits with
-    `EXIT_CODE`, which the SLURM scripts take as "requeue me".
+    Built first thing in launch/train.py's main, so that a signal during start-up (shard building, state
+    creation, a resume that downloads engine shards) is remembered, not met by its default action (status
+    128 + signal, which the batch scripts do not requeue). The script holds the signals blocked while it
+    imports its libraries; installing the handlers unblocks them, and a signal held meanwhile arrives then.
+    The run acts on the flag at its first safe point (`loop.stop_if_requested` after start-up, then the
+    loop's per-step status gather, which writes a checkpoint) and exits with `EXIT_CODE`, which the SLURM
+    scripts take as "requeue me".
     """
 
     EXIT_CODE = 75  # EX_TEMPFAIL
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=SIGNALS):
         self.signum: int | None = None
         for sig in signals:
             signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # one held since start-up is delivered now
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum

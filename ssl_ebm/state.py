@@ -14,7 +14,8 @@ What one checkpoint directory holds (the files are the store's business, checkpo
     deepspeed/...    under ZeRO: every rank's engine shards, as `engine.save_checkpoint` wrote them
     rank-00000.pt    one per process: its persistent chains and RNG states
     config.yaml      the resolved config
-    meta.json        the counters (step, best validation, NaN skips, recoveries, ...), world size, ZeRO stage
+    meta.json        the counters (step, best validation, NaN skips, recoveries, ...), the micro-batches each
+                     process's data stream had read (batches_read), world size, ZeRO stage
 
 The schedule is a LambdaLR stepped once per optimizer update; its factor is `lr_factor`.
 """
@@ -129,7 +130,9 @@ class TrainingState:
             if self.ema is not None:
                 store.write_torch(name, "ema.pt", self.ema.state_dict())
             store.write_bytes(name, "config.yaml", C.dump_config(self.cfg).encode())
-            meta = {**self.counters, "step": step, **extra}
+            # batches_read: where each process's data stream stands (micro-batches), whatever grad_accum a resume uses
+            read = step * self.cfg.train.grad_accum + self.counters.get("data_offset", 0)
+            meta = {**self.counters, "step": step, "batches_read": read, **extra}
             store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes, "zero_stage": stage})
             store.mark_complete(name)
             if kind == "step":

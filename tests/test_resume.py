@@ -17,7 +17,7 @@ import torch
 
 from conftest import REPO, TINY, run_train
 from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
-from ssl_ebm.resume import elastic_data_offset, pool_chains, prune_best, refuse_foreign
+from ssl_ebm.resume import batches_read, data_offset, pool_chains, prune_best, refuse_foreign
 
 DIGITS = str(REPO / "configs" / "digits.yaml")
 
@@ -57,11 +57,24 @@ def test_pooled_chains_interleave_every_old_rank_and_split_without_overlap():
     assert [len(s) for s in shares] == [3, 3, 2]
 
 
-def test_elastic_data_offset_keeps_the_epoch_position():
+def test_data_offset_keeps_the_epoch_position_whatever_the_grad_accum():
     # 2 ranks read 10 batches each = 20 rank-batches; on 1 rank that is batch 20, on 4 ranks batch 5.
-    assert 10 + elastic_data_offset(10, 0, 2, 1) == 20
-    assert 10 + elastic_data_offset(10, 0, 2, 4) == 5
-    assert 30 + elastic_data_offset(30, 10, 2, 1) == 80  # batch 40 of the 2-rank stream: an offset carries over
+    assert 10 + data_offset(10, 10, 1, 2, 1) == 20
+    assert 10 + data_offset(10, 10, 1, 2, 4) == 5
+    assert 30 + data_offset(40, 30, 1, 2, 1) == 80  # batch 40 of the 2-rank stream: an earlier offset carries over
+    # train.grad_accum changed on resume: the loop starts at step x the NEW grad_accum + offset
+    assert 2 * 10 + data_offset(10, 10, 2, 1, 1) == 10  # 1 process, 1 -> 2: batch 10 still, not 20
+    assert 1 * 10 + data_offset(20, 10, 1, 1, 1) == 20  # 1 process, 2 -> 1: batch 20 still, not 10 (no replay)
+    assert 2 * 10 + data_offset(10, 10, 2, 2, 1) == 20  # 2 processes at 1 -> 1 at 2: the same examples per update
+    assert 1 * 10 + data_offset(20, 10, 1, 1, 2) == 10  # and back
+
+
+def test_batches_read_of_a_checkpoint_without_the_count_uses_its_own_grad_accum(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _save(store, "step", 10, data_offset=4)
+    store.write_bytes("step-000010", "config.yaml", b"train:\n  grad_accum: 3\n")
+    assert batches_read({"step": 10, "data_offset": 4}, store, "step-000010") == 34  # 10 x 3 + 4, whatever this run's
+    assert batches_read({"step": 10, "batches_read": 12}, store, "step-000010") == 12
 
 
 def _save(store: CheckpointStore, kind: str, step: int, **meta) -> str:
@@ -186,6 +199,33 @@ def _check_pooled(ckpt: Path, saved: list, after: int) -> None:
         assert now.shape == (500, 8)
         same = (now[:len(share)] == share).all(dim=1).sum().item()
         assert same >= len(share) - 64, (rank, same, len(share))
+
+
+def test_grad_accum_changed_with_the_process_count_keeps_the_data_position(digits_shards, tmp_path):
+    """The usual elastic requeue: 2 processes at train.grad_accum=1 to update 3, then 1 process at grad_accum=2
+    (the same examples per update) to update 6. The old ranks read 3 batches each, so the resumed process reads
+    the 1-process stream from batch 6 on: every micro-batch it draws is the one that stream holds there, none
+    skipped, none replayed (before, the new grad_accum moved it to batch 12)."""
+    sys.path.insert(0, str(REPO / "tests" / "scripts"))
+    from train_recording_batches import batch_digest
+
+    from ssl_ebm import data
+
+    out, seen = tmp_path / "run", tmp_path / "seen"
+    common = ["train.checkpoint_every=3", "train.eval_every=0", "train.log_with=none"]
+    script = REPO / "tests" / "scripts" / "train_recording_batches.py"
+    run_train([str(seen / "before"), *tiny(digits_shards, out, *common, "train.steps=3")], nproc=2, script=script)
+    run_train([str(seen / "after"), *tiny(digits_shards, out, *common, "train.steps=6", "train.grad_accum=2")],
+              script=script)
+
+    def stream(world: int, rank: int, n: int) -> list[str]:
+        batches = data.train_batches(digits_shards, batch_unlabelled=64, batch_labelled=16, seed=0, rank=rank,
+                                     world_size=world)
+        return [batch_digest(next(batches)) for _ in range(n)]
+
+    for rank in range(2):
+        assert (seen / "before" / f"rank-{rank}.txt").read_text().split() == stream(2, rank, 3)
+    assert (seen / "after" / "rank-0.txt").read_text().split() == stream(1, 0, 12)[6:]
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,6 +143,37 @@ def test_kill9_then_resume_is_bitwise_identical(digits_shards, tmp_path):
     assert not (out / "checkpoints" / f"step-{steps:06d}").exists(), "killed too late to test anything"
     run_train(tiny(digits_shards, out, *args))  # resume=auto is the default
     assert_same_end(ref, out, steps)
+
+
+def test_resume_with_a_loader_worker_is_bitwise_identical(digits_shards, tmp_path):
+    """data.workers=1: a run resumed from step 5 ends at step 10 with the uninterrupted run's weights and
+    chains (the loader's iterator, created at the first step of each run, must not draw on the training RNG)."""
+    args = ["data.workers=1", "train.steps=10", "train.checkpoint_every=5", "train.eval_every=0"]
+    ref = tmp_path / "ref"
+    run_train(tiny(digits_shards, ref, *args))
+    out = tmp_path / "resumed"
+    shutil.copytree(ref / "checkpoints" / "step-000005", out / "checkpoints" / "step-000005")
+    resumed = run_train(tiny(digits_shards, out, *args))
+    assert "resumed from" in resumed.stdout and "at step 5" in resumed.stdout
+    assert_same_end(ref, out, 10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_stop_signal_during_start_up_exits_75_and_writes_nothing(digits_shards, tmp_path, sig):
+    """SLURM's warning 1.5 s after start, while the script still imports its libraries: held until main()
+    installs its handlers, then the run stops at its first safe point with the requeue status, before any
+    step or checkpoint (not status 128 + signal, which the batch script would not requeue)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *tiny(digits_shards, out, "train.steps=200")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, (proc.returncode, stderr[-3000:])
+    assert "stop signal received during start-up" in stdout, stdout
+    assert not list((out / "checkpoints").glob("*")), "no checkpoint, complete or not"
+    assert not (out / "config.yaml").exists() and not (out / "log.jsonl").exists()
 
 
 def kill9_after(cmd: list[str], out: Path, step: int) -> None:
