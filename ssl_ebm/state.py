@@ -58,7 +58,7 @@ def lr_factor(optim: C.OptimConfig, steps: int):
 
 
 def new_counters() -> dict:
-    return {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0, "recoveries": 0}
+    return {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0, "recoveries": 0, "data_offset": 0}
 
 
 @dataclass
