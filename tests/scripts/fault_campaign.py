@@ -1,7 +1,7 @@
 """The kill -9 fault campaign: kill training at random moments, resume, and check that every resumed run
 ends bit-identical to an uninterrupted one.
 
-    python tests/scripts/fault_campaign.py --kills 48 --seed 0 [--settings ddp1,zero2,...] [--dir DIR]
+    python tests/scripts/fault_campaign.py --kills 56 --seed 0 [--settings ddp1,zero2,...] [--dir DIR]
 
 A trial runs one setting (below) on a storage (file://, or s3:// on a local moto server), kills it once with
 SIGKILL at a seeded random moment, then runs the same command without the kill (train.resume=auto; for the
@@ -22,8 +22,10 @@ Settings (the tiny digits config of the tests, 30 updates, a checkpoint every 5,
     elastic            2 processes, resumed on 1
     elastic_accum      2 processes at train.grad_accum=1, resumed on 1 at train.grad_accum=2
 
-Kill moments (tests/scripts/train_with_kill.py): `timer` (a timer at a random delay, up to the length of the
-uninterrupted run, wherever the run is then), `step` (at a step's start, or after its backward), `save` (after
+Kill moments (tests/scripts/train_with_kill.py), each setting's in turn: `timer` (drawn twice as often as the
+others: a timer started at the first step fires after a random delay, up to the time the uninterrupted run
+took from its first step to its end, wherever the run is then: in a step, a save, a pruning, an evaluation,
+the teardown), `step` (at a step's start, or after its backward), `save` (after
 1-10 store operations of a checkpoint save), `upload` (a file write cut halfway: half of a checkpoint file or
 engine shard reaches the store), `prune` (inside the pruning of old checkpoints, a directory's removal cut
 halfway), `restore` (inside the watchdog's roll-back, in a run with a divergence injected at update 15).
@@ -31,7 +33,7 @@ halfway), `restore` (inside the watchdog's roll-back, in a run with a divergence
 The reference of an elastic trial depends on where the resumed run started: 2 processes to that checkpoint
 (killed cleanly at the start of the next step), then 1 process to the end; it is run once per checkpoint.
 One line per trial; a summary per setting; exit status 1 if any trial failed. See docs/HEALTH.md,
-"Fault campaign". A timer's moment is seeded as a fraction of the uninterrupted run's length, so the same
+"Fault campaign". A timer's moment is seeded as a fraction of the uninterrupted run's training time, so the same
 seed kills at about, not exactly, the same instruction.
 """
 
@@ -81,7 +83,7 @@ class Setting:
         return bool(self.resume_nproc) and self.resume_nproc != self.nproc
 
 
-ALL_POINTS = ("timer", "step", "save", "upload", "prune")
+ALL_POINTS = ("timer", "timer", "step", "save", "upload", "prune")  # (timers drawn twice as often)
 SETTINGS = {s.name: s for s in [
     Setting("ddp1", 1, ALL_POINTS + ("restore",)),
     Setting("ddp2", 2, ALL_POINTS + ("restore",)),
@@ -89,8 +91,8 @@ SETTINGS = {s.name: s for s in [
     Setting("accum2", 2, ALL_POINTS, ("train.grad_accum=2",)),
     Setting("ema", 1, ALL_POINTS, ("train.ema_decay=0.9",)),
     Setting("zero2", 2, ALL_POINTS, zero=True),
-    Setting("elastic", 2, ("timer", "step", "save", "upload"), resume_nproc=1),
-    Setting("elastic_accum", 2, ("timer", "step", "save", "upload"), resume_nproc=1,
+    Setting("elastic", 2, ("timer", "timer", "step", "save", "upload"), resume_nproc=1),
+    Setting("elastic_accum", 2, ("timer", "timer", "step", "save", "upload"), resume_nproc=1,
             resume_overrides=("train.grad_accum=2",)),
 ]}
 
@@ -100,7 +102,7 @@ class Trial:
     setting: str
     storage: str
     point: str
-    kill: str  # train_with_kill.py's KILL, except `timer:FRACTION:RANK` (of the uninterrupted run's length)
+    kill: str  # train_with_kill.py's KILL, except `timer:FRACTION:RANK` (of the uninterrupted run's training)
 
 
 def plan(kills: int, seed: int, settings: list[str] | None = None, storages=("file", "s3")) -> list[Trial]:
@@ -121,7 +123,7 @@ def plan(kills: int, seed: int, settings: list[str] | None = None, storages=("fi
 def kill_spec(rng: random.Random, s: Setting, point: str) -> str:
     rank = rng.randrange(s.nproc)
     if point == "timer":
-        return f"timer:{rng.uniform(0.05, 0.95):.3f}:{rank}"
+        return f"timer:{rng.random():.3f}:{rank}"
     if point == "step":
         return f"step:{rng.randint(2, STEPS - 1)}:{rank}:{rng.randint(0, 1)}"
     at = rng.randrange(EVERY, STEPS + 1, EVERY)
@@ -276,7 +278,7 @@ class Campaign:
     s3_url: str | None
     log: object = print
     references: dict = field(default_factory=dict)
-    lifetimes: dict = field(default_factory=dict)  # setting -> seconds of its uninterrupted run (the timers' span)
+    lifetimes: dict = field(default_factory=dict)  # setting -> (first step, end) of its uninterrupted run, in s
     n: int = 0
 
     def __post_init__(self):
@@ -297,9 +299,9 @@ class Campaign:
         the next step, then 1 process to the end); its final state. A run to the end times the setting."""
         kill = "none" if elastic_at in (None, STEPS) else f"step:{elastic_at + 1}:0:0"
         rc, out, stray = self.launch(s, kill, fault, False, "file", name)
-        lived = [float(x) for x in re.findall(r"^lifetime ([\d.]+)", out, re.M)]
-        if lived and not fault:
-            self.lifetimes.setdefault(s.name, max(lived))
+        lived = [tuple(map(float, m)) for m in re.findall(r"^lifetime ([\d.]+), first step at ([\d.]+)", out, re.M)]
+        if lived and not fault:  # (first step, end): the latest rank's
+            self.lifetimes.setdefault(s.name, (max(t[1] for t in lived), max(t[0] for t in lived)))
         if elastic_at is not None and (rc != 0) == (elastic_at < STEPS):  # stopped where planned: go on with 1
             rc, out, stray = self.launch(s, "none", fault, True, "file", name)
         if rc != 0 or stray:
@@ -317,8 +319,9 @@ class Campaign:
             self.references[key] = self.run_to_end(s, fault, name, resumed_at if s.elastic else None)
         return self.references[key]
 
-    def lifetime(self, s: Setting) -> float:
-        """Seconds from start to end of the setting's uninterrupted run (of its first part, if elastic)."""
+    def lifetime(self, s: Setting) -> tuple[float, float]:
+        """Seconds from the start of the setting's uninterrupted run (of its first part, if elastic) to its first
+        step and to its end."""
         if s.name not in self.lifetimes:
             self.reference(s, False, STEPS if s.elastic else None)
         return self.lifetimes[s.name]
@@ -330,7 +333,8 @@ class Campaign:
         kill = t.kill
         if t.point == "timer":
             _, fraction, rank = kill.split(":")
-            kill = f"timer:{float(fraction) * self.lifetime(s):.2f}:{rank}"
+            first, end = self.lifetime(s)
+            kill = f"timer:{float(fraction) * (end - first):.3f}:{rank}"
         started = time.time()
         rc, out, stray = self.launch(s, kill, fault, False, t.storage, name)
         rc2, out2, stray2 = self.launch(s, "none", fault, True, t.storage, name)
@@ -422,7 +426,7 @@ def run_campaign(trials: list[Trial], root: Path, shards: str, log=print) -> lis
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kills", type=int, default=48, help="number of trials (each kills one run)")
+    p.add_argument("--kills", type=int, default=56, help="number of trials (each kills one run)")
     p.add_argument("--seed", type=int, default=0, help="seed of the trials' order, storages and kill moments")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one, deleted)")

@@ -4,8 +4,8 @@
     python tests/scripts/train_with_kill.py KILL FAULT --config ... [overrides]
 
 KILL is `none`, `timer:SECONDS:RANK`, or `POINT:AT:RANK:COUNT`; only process RANK kills itself:
-    timer:SECONDS:RANK     a timer started when this script starts fires after SECONDS, wherever the run is
-                           (importing, building state, resuming, in a step, saving, pruning, evaluating, ...)
+    timer:SECONDS:RANK     a timer started at the first step fires after SECONDS, wherever the run is then
+                           (in a step, a save, a pruning, an evaluation, the watchdog's roll-back, the teardown)
     step:AT:RANK:0         at the start of step AT (before its negatives are drawn)
     step:AT:RANK:1         inside step AT, after forward and backward, before the optimizer's update
     save:AT:RANK:COUNT     from the start of step AT, after COUNT store operations (inside its checkpoint saves)
@@ -19,10 +19,11 @@ KILL is `none`, `timer:SECONDS:RANK`, or `POINT:AT:RANK:COUNT`; only process RAN
     restore:AT:RANK:COUNT  inside the watchdog's recovery at step AT (its checks of the restore points, the
                            roll-back's deletes and loads), after COUNT store operations
 A store operation (ssl_ebm/checkpoint.py) is one file written or read, or one COMPLETE marker removed; for
-`upload`, one file written; for `prune`, one meta.json read or one directory removed. FAULT is `none` or `AT:LR`: from update AT on the prior's learning rate is LR (as
-train_with_fault.py), a divergence the watchdog rolls back. The resumed run is the same command with KILL `none`;
-a run that is not killed prints `lifetime SECONDS` (from this script's start to its end), which the campaign
-times its timers by.
+`upload`, one file written; for `prune`, one meta.json read or one directory removed. FAULT is `none` or
+`AT:LR`: from update AT on the prior's learning rate is LR (as train_with_fault.py), a divergence the watchdog
+rolls back. The resumed run is the same command with KILL `none`. A run that is not killed prints
+`lifetime SECONDS, first step at SECONDS` (from this script's start): the campaign draws its timers' delays
+within the time from the first step to the end.
 """
 
 import os
@@ -34,13 +35,6 @@ import time
 from pathlib import Path
 
 born = time.monotonic()
-if sys.argv[1].startswith("timer:"):  # armed before the imports: a timer may fire while they run
-    _, seconds, rank = sys.argv[1].split(":")
-    if int(os.environ.get("RANK", 0)) == int(rank):
-        timer = threading.Timer(float(seconds), lambda: os.kill(os.getpid(), signal.SIGKILL))
-        timer.daemon = True  # a run that ends first is not killed at its exit
-        timer.start()
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
 
 import train  # noqa: E402  (launch/train.py)
@@ -48,6 +42,7 @@ from ssl_ebm import health  # noqa: E402
 from ssl_ebm import state as state_module  # noqa: E402
 from ssl_ebm.checkpoint import MARKER, CheckpointStore  # noqa: E402
 
+first_step = []  # seconds from this script's start to its first step
 armed = {"on": False, "left": 0, "cut": None}  # cut: which operations are cut halfway ("write", "remove")
 
 
@@ -126,10 +121,23 @@ def remove_cut(self, names):
         remove_one_cut(self, name)
 
 
+def start_timer(seconds: float) -> None:
+    timer = threading.Timer(seconds, die)
+    timer.daemon = True  # a run that ends first is not killed at its exit
+    timer.start()
+
+
 def kill_hook(spec: str):
-    """The before_step hook and patches for KILL (see the module docstring); None for `none` and timers."""
-    if spec == "none" or spec.startswith("timer:"):
+    """The before_step hook and patches for KILL (see the module docstring); None for `none`."""
+    if spec == "none":
         return None
+    if spec.startswith("timer:"):
+        _, seconds, rank = spec.split(":")
+
+        def timer_at_first_step(done: int, state) -> None:
+            if state.acc.process_index == int(rank) and not first_step:
+                start_timer(float(seconds))
+        return timer_at_first_step
     point, at, rank, count = spec.split(":")
     at, rank, count = int(at), int(rank), int(count)
     if point == "upload":
@@ -217,8 +225,10 @@ def before_step(done: int, state) -> None:
     for hook in (fault, kill):
         if hook is not None:
             hook(done, state)
+    if not first_step:
+        first_step.append(time.monotonic() - born)
 
 
 code = train.main(sys.argv[3:], before_step=before_step)
-print(f"lifetime {time.monotonic() - born:.2f}", flush=True)  # (not killed)
+print(f"lifetime {time.monotonic() - born:.2f}, first step at {(first_step or [0.0])[0]:.2f}", flush=True)
 train.runtime.exit_process(code)

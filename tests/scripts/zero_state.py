@@ -27,8 +27,9 @@ def write_down(state: TrainingState, event: str, step: int) -> None:
     zero = state.model.optimizer
     # DeepSpeed links each parameter to its Adam moments once, after the first group's first step, when the
     # other groups have no moments yet; link again so that safe_get_full_optimizer_state finds every group's.
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # (ZeRO-1 and 2; ZeRO-3 finds them itself)
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
     named = list(state.net.named_parameters())
     whole = {
         "weights": {n: p.detach().cpu().clone() for n, p in named},
