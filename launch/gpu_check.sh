@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU readiness in one command: speed benchmark (captured vs eager sampler), a short bf16 run of
-# configs/cifar10_jpeg.yaml, a 200-step ZeRO-2 run with a WRN-28-10 encoder; one JSON of figures.
-#   launch/gpu_check.sh                       # on the GPU machine; installs ../shared/wheels if present
-#   launch/gpu_check.sh --cpu-smoke --out smoke.json
-# Arguments go to launch/gpu_check.py (--out, --wheels, --shards, --parts, --work; see its --help).
+# GPU acceptance in one command: the step's speed with repeats and a profiled breakdown, end to end through
+# the input pipeline, and a time-boxed CIFAR-10 run of ours and of the supervised-only twin; one JSON of figures.
+#   launch/gpu_check.sh --source cifar-10-python.tar.gz   # on the GPU machine; installs ../shared/wheels if present
+#   launch/gpu_check.sh --cpu-smoke --source TINY_CIFAR --out smoke.json
+# Arguments go to launch/gpu_check.py (--out, --wheels, --shards, --source, --train-minutes, --parts, --work;
+# see its --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 args=("$@")

@@ -1,45 +1,41 @@
-"""Reproduce a results row: one config over several seeds, with baselines on the same labels.
+"""Reproduce a results row: one config over several seeds, every baseline on the same labels, under one protocol.
 
-    python launch/reproduce.py --config configs/magic_gamma.yaml --seeds 3 [--baselines all] [section.key=value ...]
+    python launch/reproduce.py --config configs/magic_gamma.yaml --seeds 10 [--protocol realistic] [--updates N]
+    python launch/reproduce.py --suite tabular --seeds 10 [--updates N]      # the twelve shared tables
 
-For each seed s (0, 1, ...) the shards are built once with data.split_seed = s (so each seed is a
-different labelled set), and on them run, all from the same labelled examples, each with its settings
-chosen on the validation split:
-    ours            launch/train.py with the config, train.seed = s (test accuracy of the weights best on
-                    validation, as train.py reports it)
+For each seed s (0, 1, ...) the shards are built once with data.split_seed = s (each seed is a different
+labelled set), and on them every method runs from the same labelled examples:
+    ours            launch/train.py with the config, train.seed = s
     supervised      the same config and nets with train.method=supervised (labelled loss only)
-    label_spreading scikit-learn LabelSpreading(kernel="rbf") fitted on the labelled examples plus the
-                    unlabelled pool (subsampled to --ls-max-unlabelled for memory), its gamma picked on
-                    the validation split from a grid around 1 / median squared distance
+    vat, pi         VAT and the Pi-model on the config's encoder with the prior MLP as the head
     lr, rf, gb      logistic regression, random forest, gradient boosting on the labelled rows alone
     self_training   SelfTrainingClassifier around the better of lr / rf
-    vat, pi         VAT and the Pi-model on the config's encoder with the prior MLP as the head
-                    (launch/baselines.py says how each is set up and what its grid is)
---baselines picks them: the default is every one but vat and pi (which train networks, a grid of six
-runs each); "all" adds those two. The verdict compares ours with the best baseline by mean.
---neural-steps N trains VAT and the Pi-model for N updates (default: the config's train.steps, as ours);
---neural-grid first-seed searches their grid on the first seed only and runs the setting its validation
-chose on the other seeds (one run per seed instead of six); results/<name>.json records both.
-The overrides apply to ours and the network baselines alike. Training runs go --jobs at a time
-(each with OMP_NUM_THREADS=1). Results go to results/<name>.json, and docs/RESULTS.md is regenerated
-from every results/*.json between its reproduce markers; everything else in it is kept.
+    label_spreading LabelSpreading(kernel="rbf") on the labelled plus (subsampled) unlabelled rows
+launch/baselines.py says how each baseline is set up and what its grid is.
 
---restarts R trains every network method (ours, supervised, VAT, Pi-model) R times per seed from
-different initialisations (train.seed = s + 1000 r for r = 0 .. R-1; the labelled set stays seed s's) and
-keeps, per seed and method, the run best on validation; results/<name>.json lists every restart's
-validation and test accuracy. VAT and the Pi-model restart with the setting their grid chose.
+--protocol (ssl_ebm/protocol.py):
+    realistic (default)  every method sees only the N labelled examples: network methods (ours, supervised,
+                         VAT, Pi-model) run fixed settings for the same --updates, once, and are tested with
+                         the weights at the end of training (train.select=final); the scikit-learn methods
+                         choose their settings by stratified k-fold cross-validation on the N labels. The
+                         validation split is never opened (the runs work with its shards deleted).
+    oracle-val           a validation split chooses every setting and checkpoint, as in most papers (VAT and
+                         the Pi-model search their grids on it); kept for comparison, labelled as such.
+Every network method gets the same budget: --updates updates (default: the config's train.steps), one
+initialisation, and its settings (one point under realistic). Each row records, per method, the settings
+tried, updates, restarts and which data chose them.
 
---race N (with --restarts R) trains ours and supervised differently: each of the R initialisations for N
-updates only (train.stop_after=N; the schedule still spans train.steps), then the one best on validation at
-update N continues to train.steps from its checkpoint, exactly as that run would have gone on. R short
-tries cost (R - 1) N updates more than one run, not R runs. VAT and the Pi-model keep --restarts' full runs.
+The row's verdict (ssl_ebm/stats.py) compares ours with the best baseline by mean, seed by seed: the per-seed
+differences ours minus that baseline and their 95% Student-t interval; "wins" only when the interval lies
+above zero, "level" when it spans zero, "loses" otherwise. The same interval against the supervised-only
+twin says whether the unlabelled data helped.
 
---neural-from results/x.json takes VAT and the Pi-model from an earlier results file of the same config and
-seeds (its label spreading must match seed for seed, as below) instead of training them again.
-
---ours-from results/x.json takes ours (and supervised) from an earlier results file of the same config
-and seeds instead of training again, and adds the baselines to it. Label spreading is then always run and
-must give the earlier file's figures seed for seed: that is the check that the shards are the same.
+Runs go to <work>/<name>/seed<s>/<protocol>/<method>; a finished run whose command and config file are
+unchanged is kept, not trained again (--fresh trains everything again), so a stopped command or suite
+resumes where it stopped. Training runs go --jobs at a time (each with one thread). Results go to
+results/<protocol>/<name>.json as each row finishes, and docs/RESULTS.md is regenerated from every
+results JSON between its reproduce markers (with the suite summary: wins / levels / losses and each
+method's mean rank); everything else in it is kept.
 """
 
 from __future__ import annotations
@@ -48,18 +44,14 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -68,7 +60,8 @@ sys.path.insert(0, str(REPO / "launch"))
 import baselines as BL  # launch/baselines.py
 from shards import make
 from ssl_ebm import config as C
-from ssl_ebm import data
+from ssl_ebm import data, stats
+from ssl_ebm import protocol as P
 
 BEGIN, END = "<!-- reproduce:begin (generated by launch/reproduce.py; edits here are overwritten) -->", \
     "<!-- reproduce:end -->"
@@ -81,194 +74,150 @@ PAPER = {
     "cifar10_jpeg": "78.6 ± 0.3 (lossless CIFAR-10)",
     "ag_news": "84.5 ± 0.3 (unigram, 114,600 unlabelled: not the same task)",
 }
-LS_GAMMA_SCALES = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # times 1 / median squared distance
-BASELINES = ("supervised", "label_spreading", *BL.SKLEARN, *BL.NEURAL)  # the table's order
-DEFAULT_BASELINES = ("supervised", "label_spreading", *BL.SKLEARN)
+BASELINES = ("supervised", *BL.NEURAL, *BL.SKLEARN)  # the table's order
+# The suites --suite runs, config by config (the twelve shared tables: five the defaults were developed on,
+# seven that came later; docs/RESULTS.md says which chose what).
+SUITES = {"tabular": tuple(f"configs/{n}.yaml" for n in (
+    "magic_gamma", "letter", "satimage", "shuttle", "spambase", "bank_marketing", "electricity", "pendigits",
+    "wine_quality", "page_blocks", "phoneme", "occupancy"))}
+PROTOCOL_DIRS = {"realistic": "realistic", "oracle-val": "oracle_val"}
 
 
 def parse_baselines(text: str) -> list[str]:
-    """"all", "default", or a comma list of BASELINES names (in the table's order)."""
+    """"all" or a comma list of BASELINES names (returned in the table's order)."""
     if text == "all":
         return list(BASELINES)
     names = [n.strip() for n in text.split(",") if n.strip()]
-    names = [m for n in names for m in (DEFAULT_BASELINES if n == "default" else (n,))]
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise C.ConfigError(f"--baselines: unknown {', '.join(map(repr, unknown))}; choose from "
-                            f"{', '.join(BASELINES)}, 'default' or 'all'")
+                            f"{', '.join(BASELINES)} or 'all'")
     return [n for n in BASELINES if n in names]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...); default 3")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", help="YAML config file (see configs/)")
+    what.add_argument("--suite", choices=sorted(SUITES), help="every config of a suite, one row each")
+    p.add_argument("--seeds", type=int, default=10, help="number of seeds (0, 1, ...); default 10")
+    p.add_argument("--protocol", default="realistic", choices=P.PROTOCOLS,
+                   help="realistic (labelled examples only, final weights; default) or oracle-val")
+    p.add_argument("--updates", type=int, default=0,
+                   help="updates of every network method's run (default: the config's train.steps)")
+    p.add_argument("--baselines", default="all", help=f"comma list of {', '.join(BASELINES)}, or 'all' (default)")
     p.add_argument("--name", default="", help="results name (default: the config's file name)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2)")
     p.add_argument("--work", default="runs/reproduce", help="where shards and runs go")
-    p.add_argument("--results", default="results", help="folder of results/<name>.json")
+    p.add_argument("--results", default="results", help="results/<protocol>/<name>.json go here")
     p.add_argument("--doc", default="docs/RESULTS.md", help="the table to regenerate")
     p.add_argument("--ls-max-unlabelled", type=int, default=4000,
-                   help="unlabelled examples label spreading sees (a random subsample; its kernel is dense)")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep finished runs of the work folder whose command and config file are unchanged "
-                   "(comments aside)")
-    p.add_argument("--restarts", type=int, default=1,
-                   help="initialisations per seed of each network method; the best on validation is kept "
-                   "(default 1)")
-    p.add_argument("--race", type=int, default=0,
-                   help="with --restarts R: train ours and supervised R times for this many updates each and "
-                   "continue only the best on validation (default 0: R full runs)")
-    p.add_argument("--neural-from", default="", help="take VAT and the Pi-model from this earlier results JSON "
-                   "(same config and seeds) instead of training them")
-    p.add_argument("--note", default="", help="a note for the table row (e.g. fewer steps than the paper)")
-    p.add_argument("--baselines", default="default",
-                   help=f"comma list of {', '.join(BASELINES)}; 'default' = all but vat and pi; 'all' (default: default)")
-    p.add_argument("--ours-from", default="", help="take ours and supervised from this earlier results JSON "
-                   "(same config and seeds) instead of training them; label spreading then checks the shards")
-    p.add_argument("--neural-steps", type=int, default=0,
-                   help="updates of each VAT / Pi-model run (default: the config's train.steps, as ours)")
-    p.add_argument("--neural-grid", default="every-seed", choices=["every-seed", "first-seed"],
-                   help="VAT / Pi-model: search the grid on every seed, or on the first seed only and run the "
-                   "setting its validation chose on the other seeds (a sixth of the training)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides for ours and the supervised baseline")
+                   help="unlabelled rows label spreading and self-training see (a random subsample)")
+    p.add_argument("--fresh", action="store_true", help="train every run again (default: keep finished runs "
+                   "whose command and config file are unchanged)")
+    p.add_argument("--note", default="", help="a note for the table row")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for ours and every network baseline")
     return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- the methods
+# ----------------------------------------------------------------------------- the runs
 
 
-def _config_text(config: str) -> str:
-    """The config file's text with its bases' (what a run depends on); empty when the file is gone."""
-    return C.config_text(config) if Path(config).exists() else ""
+# What a method never reads of the config, so that a change there keeps its finished runs (a stopped suite
+# resumes with them after the shared defaults of ours changed): VAT and the Pi-model build the encoder and the
+# prior MLP head from the model section and train them with Adam at optim.lr_encoder (launch/baselines.py); the
+# supervised-only twin trains encoder and prior on the labelled loss and draws no chains. A section mapped to
+# None is ignored whole.
+NOT_READ = {
+    "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
+                      "labelled_weight", "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
+            "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
+            "train": ("method", "select", "ema_decay", "checkpoint_every", "keep_last", "log_every", "on_nan",
+                      "max_nan_skips", "mixed_precision", "grad_accum", "stop_after"),
+            "sampler": None, "health": None},
+    "supervised": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
+                             "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
+                   "optim": ("lr_generator",), "sampler": None},
+}
+NOT_READ["pi"] = NOT_READ["vat"]
 
 
-def _same_stamp(path: Path, stamp: dict) -> bool:
-    """Whether a finished run's command.json records this command and config (comment edits aside)."""
-    def content(text: str) -> list[str]:
-        lines = (re.sub(r"(^|\s)#.*$", "", line).rstrip() for line in text.splitlines())
-        return [line for line in lines if line]
+def run_config(config: str, overrides: list[str], method: str = "ours") -> dict:
+    """The resolved config a run of `method` depends on: all of it for ours, less NOT_READ for the others."""
+    resolved = C.to_dict(C.from_dict(C.Config, C.raw_tree(config, overrides)))
+    for section, keys in NOT_READ.get(method, {}).items():
+        if keys is None:
+            resolved.pop(section, None)
+        else:
+            for key in keys:
+                resolved.get(section, {}).pop(key, None)
+    return resolved
 
-    try:
-        done = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return done.get("args") == stamp["args"] and content(done.get("config_text", "")) == content(stamp["config_text"])
 
-
-def train_run(config: str, overrides: list[str], out_dir: Path, log: Path, reuse: bool = False,
-              resume: bool = False) -> dict:
-    """launch/train.py in a subprocess; its metrics.json (with "reused": true when --reuse found the same run).
-
-    Each run leaves command.json (its arguments and the config file's text) beside metrics.json; with
-    reuse, a finished run whose command.json matches exactly is not trained again. resume: continue the
-    run paused in out_dir (train.stop_after) instead of starting afresh; never reused."""
-    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
-           f"train.out_dir={out_dir}", f"train.resume={'auto' if resume else 'never'}", "train.progress=false"]
-    stamp = {"args": cmd[1:], "config_text": _config_text(config)}
-    done = (out_dir / "metrics.json").exists() and (out_dir / "command.json").exists()
-    if reuse and done and not resume and _same_stamp(out_dir / "command.json", stamp):
-        return {**json.loads((out_dir / "metrics.json").read_text()), "reused": True}
-    if not resume:
-        shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run: no checkpoints of an earlier one to resume or restore
-        out_dir.mkdir(parents=True)
+def _subprocess_run(cmd: list[str], stamp: dict, out: Path, result_file: str, log_name: str, reuse: bool,
+                    what: str) -> dict:
+    """Run one training command into `out` (its own folder), or keep its finished result when `reuse` and
+    its command.json records the same stamp (arguments and resolved config); the JSON result, with
+    "reused": true when kept."""
+    done = (out / result_file).exists() and (out / "command.json").exists()
+    if reuse and done and json.loads((out / "command.json").read_text()) == json.loads(json.dumps(stamp)):
+        return {**json.loads((out / result_file).read_text()), "reused": True}
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing of an earlier one to resume or restore
+    out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as f:  # log lies inside out_dir
+    log = out / log_name
+    with open(log, "w") as f:
         proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"training failed (exit {proc.returncode}), see {log}: {tail[0]}")
-    (out_dir / ("command-resumed.json" if resume else "command.json")).write_text(json.dumps(stamp, indent=1) + "\n")
-    return json.loads((out_dir / "metrics.json").read_text())
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}), see {log}: {tail[0]}")
+    (out / "command.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    return json.loads((out / result_file).read_text())
 
 
-def race_run(config: str, tries: list[tuple[int, list[str], Path]], pause: int, record: Path, reuse: bool) -> dict:
-    """--race: each (train_seed, overrides, out_dir) trains `pause` updates (train.stop_after), then the one
-    best on validation there (the first on ties) continues to train.steps. Its metrics, with "restart" (the
-    winner's index) and "race" (every try's figures at the pause). `record` keeps the whole race, reused
-    when its commands and config are unchanged."""
-    stamp = {"args": [[ts, ov, str(out)] for ts, ov, out in tries], "pause": pause, "config_text": _config_text(config)}
+def train_run(config: str, overrides: list[str], out: Path, reuse: bool, method: str = "ours") -> dict:
+    """launch/train.py (ours or supervised-only) in a subprocess; its metrics.json."""
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
+           f"train.out_dir={out}", "train.resume=never", "train.progress=false"]
+    stamp = {"method": method, "overrides": overrides, "config": run_config(config, overrides, method)}
+    return _subprocess_run(cmd, stamp, out, "metrics.json", "train.log", reuse, "training")
+
+
+def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, protocol: str, out: Path,
+               reuse: bool) -> dict:
+    """launch/baselines.py --method vat|pi in a subprocess (one thread); its result JSON."""
+    cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
+           "--method", method, "--seed", str(seed), "--protocol", protocol, "--out", str(out / "result.json"),
+           *overrides]
+    stamp = {"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
+             "config": run_config(config, overrides, method)}
+    return _subprocess_run(cmd, stamp, out, "result.json", "baseline.log", reuse, f"{method} baseline")
+
+
+def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabelled: int, record: Path,
+                reuse: bool) -> dict:
+    """The scikit-learn baselines of one seed (launch/baselines.py), kept in `record` for the next time."""
+    stamp = {"names": names, "seed": seed, "protocol": protocol, "max_unlabelled": max_unlabelled,
+             "manifest": data.read_manifest(url)}
     if reuse and record.exists():
         kept = json.loads(record.read_text())
         if kept.get("stamp") == stamp:
-            return {**kept["result"], "reused": True}
-    paused = [train_run(config, [*ov, f"train.stop_after={pause}"], out, out / "train.log") for _, ov, out in tries]
-    best = max(range(len(tries)), key=lambda i: (paused[i]["val_accuracy"], -i))
-    ts, ov, out = tries[best]
-    final = train_run(config, ov, out, out / "continue.log", resume=True)
-    result = {**final, "train_seed": ts, "restart": best, "race": [
-        {"train_seed": t[0], "val_accuracy": res["val_accuracy"], "test_accuracy": res["test"]["accuracy"],
-         "best_step": res["best_step"], "recoveries": res.get("recoveries", 0)} for t, res in zip(tries, paused)]}
-    record.write_text(json.dumps({"stamp": stamp, "result": result}, indent=1) + "\n")
-    return result
+            return {name: {**r, "reused": True} for name, r in kept["results"].items()}
+    results = BL.sklearn_baselines(url, names, seed, max_unlabelled, protocol)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"stamp": stamp, "results": results}, indent=1) + "\n")
+    return results
 
 
-def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, out: Path,
-               reuse: bool = False, settings_from: Path | None = None) -> dict:
-    """launch/baselines.py --method vat|pi in a subprocess (one thread), its JSON; reused like train_run.
-    settings_from: an earlier result.json whose chosen setting is run instead of the grid."""
-    cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
-           "--method", method, "--seed", str(seed), "--out", str(out / "result.json"),
-           *(["--settings-from", str(settings_from)] if settings_from else []), *overrides]
-    stamp = {"args": cmd[1:], "config_text": _config_text(config)}
-    done = (out / "result.json").exists() and (out / "command.json").exists()
-    if reuse and done and _same_stamp(out / "command.json", stamp):
-        return {**json.loads((out / "result.json").read_text()), "reused": True}
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(out / "baseline.log", "w") as f:
-        proc = subprocess.run(cmd, check=False, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = (out / "baseline.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"{method} baseline failed (exit {proc.returncode}), see {out / 'baseline.log'}: {tail[0]}")
-    (out / "command.json").write_text(json.dumps(stamp, indent=1) + "\n")
-    return json.loads((out / "result.json").read_text())
+def network_record(res: dict, protocol: str, updates: int) -> dict:
+    """The fields a row keeps of one ours / supervised-only run, with its budget."""
+    keep = ("val_accuracy", "best_step", "select", "seconds", "recoveries", "stopped_at", "reused")
+    return {**{k: res.get(k) for k in keep if k in res}, "test_accuracy": res["test"]["accuracy"],
+            "test_macro_f1": res["test"].get("macro_f1"), "budget": P.network_budget(protocol, updates).record()}
 
 
-def label_spreading(url: str, seed: int, max_unlabelled: int) -> dict:
-    """RBF label spreading on the shards' labelled + (subsampled) unlabelled examples; gamma by validation."""
-    with warnings.catch_warnings():  # rows far from every label divide 0 by 0 (fit and predict): validation judges
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return _label_spreading(url, seed, max_unlabelled)
-
-
-def _label_spreading(url: str, seed: int, max_unlabelled: int) -> dict:
-    from sklearn.semi_supervised import LabelSpreading
-
-    manifest = data.read_manifest(url)
-    x_l, y_l = BL.read_split(url, "labelled")
-    x_u, _ = BL.read_split(url, "unlabelled")
-    n_pool = len(x_u)
-    rng = np.random.default_rng(seed)
-    if len(x_u) > max_unlabelled:
-        x_u = x_u[rng.choice(len(x_u), max_unlabelled, replace=False)]
-    parts = {s: BL.read_split(url, s) for s in ("val", "test") if manifest["splits"][s]["count"]}
-    # word counts: log-scaled, unit length (a cosine-like RBF); other kinds as stored
-    x_l, x_u = BL.prepare(manifest, x_l), BL.prepare(manifest, x_u)
-    parts = {s: (BL.prepare(manifest, x), y) for s, (x, y) in parts.items()}
-    x = np.concatenate([x_l, x_u]).astype(np.float64)
-    y = np.concatenate([y_l, -np.ones(len(x_u), np.int64)])
-    sub = x[rng.choice(len(x), min(len(x), 1000), replace=False)]
-    sq = (sub**2).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * sub @ sub.T, 0.0)  # (n, n), without an (n, n, D) array
-    median = float(np.median(d2[np.triu_indices(len(sub), 1)]))
-    best = None
-    for scale in LS_GAMMA_SCALES:
-        gamma = scale / max(median, 1e-12)
-        model = LabelSpreading(kernel="rbf", gamma=gamma, max_iter=100).fit(x, y)
-        val = float((model.predict(parts["val"][0]) == parts["val"][1]).mean()) if "val" in parts else 0.0
-        if best is None or val > best[0]:
-            best = (val, gamma, model)
-    val, gamma, model = best
-    out = {"val_accuracy": val, "gamma": gamma, "unlabelled_used": len(x_u), "unlabelled_pool": n_pool}
-    if "test" in parts:
-        out["test_accuracy"] = float((model.predict(parts["test"][0]) == parts["test"][1]).mean())
-    return out
-
-
-# ----------------------------------------------------------------------------- the table
+# ----------------------------------------------------------------------------- one row
 
 
 def variant(cfg: C.Config) -> str:
@@ -283,13 +232,9 @@ def variant(cfg: C.Config) -> str:
         parts.append(f"+ VAT term {m.vat_weight:g} (xi {m.vat_xi:g}, eps {m.vat_eps:g})")
     if cfg.data.features != "standard":  # every method of the row reads the same scaled shards
         parts.append(f"{cfg.data.features} features")
+    if cfg.train.ema_decay > 0:
+        parts.append(f"weight average {cfg.train.ema_decay:g}")
     return ", ".join([*parts, f"{cfg.train.steps:,} updates"])
-
-
-def restarts_note(restarts: int, race: int = 0) -> str:
-    if restarts > 1 and race:
-        return f", {restarts} initialisations raced for {race:,} updates, the best on validation continued"
-    return f", best of {restarts} initialisations on validation" if restarts > 1 else ""
 
 
 def summary(values: list[float]) -> dict:
@@ -298,72 +243,208 @@ def summary(values: list[float]) -> dict:
             "values": vals}
 
 
+def compare(result: dict, methods: list[str]) -> None:
+    """The row's paired comparisons (ssl_ebm.stats): ours against the best baseline by mean, and against its
+    supervised-only twin; the verdict from the first."""
+    baselines = [m for m in methods if m != "ours"]
+    if not baselines:
+        return
+    best = max(baselines, key=lambda m: result[m]["mean"])
+    ours = result["ours"]["values"]
+
+    def paired(other: str) -> dict:
+        diffs = [a - b for a, b in zip(ours, result[other]["values"])]
+        return {"baseline": other, "diffs": diffs, **stats.paired_interval(diffs)}
+
+    result["best_baseline"] = best
+    result["paired"] = paired(best)
+    result["verdict"] = stats.verdict(result["paired"])
+    result["seeds_won_against_best"] = sum(d > stats.TIE_POINTS for d in result["paired"]["diffs"])
+    if "supervised" in baselines:
+        result["paired_supervised"] = paired("supervised")
+
+
+def reproduce(args, config: str) -> dict:
+    t0 = time.time()
+    protocol, reuse = args.protocol, not args.fresh
+    raw = C.raw_tree(config, args.overrides)
+    cfg = C.from_dict(C.Config, raw)
+    chosen = parse_baselines(args.baselines)
+    updates = args.updates or cfg.train.steps
+    name = args.name or Path(config).stem
+    work = (REPO / args.work / name).resolve() if not os.path.isabs(args.work) else Path(args.work) / name
+    seeds = list(range(args.seeds))
+    urls = {}
+    for s in seeds:  # one shard build per seed, shared by every method and protocol
+        urls[s] = make.ensure(C.from_dict(C.Config, C._merge(raw, {"data": {
+            "shards": str(work / f"seed{s}" / "shards"), "split_seed": s}})).data)
+    manifest = data.read_manifest(urls[seeds[0]])
+
+    def run_dir(s: int, method: str) -> Path:
+        return work / f"seed{s}" / protocol / method
+
+    def train_job(s: int, method: str):
+        ov = [*args.overrides, *P.train_overrides(protocol, updates), f"data.shards={urls[s]}", f"data.split_seed={s}",
+              f"train.seed={s}", *(["train.method=supervised"] if method == "supervised" else [])]
+        return lambda: network_record(train_run(config, ov, run_dir(s, method), reuse, method), protocol, updates)
+
+    def neural_job(s: int, method: str):
+        ov = [*args.overrides, f"train.steps={updates}", f"train.seed={s}"]
+        return lambda: neural_run(method, config, ov, urls[s], s, protocol, run_dir(s, method), reuse)
+
+    jobs = [(s, m, train_job(s, m)) for s in seeds for m in ("ours", "supervised") if m == "ours" or m in chosen]
+    jobs += [(s, m, neural_job(s, m)) for s in seeds for m in BL.NEURAL if m in chosen]
+    sklearn = [m for m in BL.SKLEARN if m in chosen]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {(s, m): pool.submit(fn) for s, m, fn in jobs}
+        fitted = {s: sklearn_run(urls[s], sklearn, s, protocol, args.ls_max_unlabelled,
+                                 work / f"seed{s}" / protocol / "sklearn.json", reuse) if sklearn else {}
+                  for s in seeds}  # meanwhile, here
+        trained = {k: f.result() for k, f in futures.items()}
+    runs = [{"seed": s, "shards": urls[s], **{m: trained[(s, m)] for m in ("ours", *BASELINES) if (s, m) in trained},
+             **fitted[s]} for s in seeds]
+    methods = ["ours", *(m for m in BASELINES if all(m in r for r in runs))]
+    result = {
+        "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
+        "protocol": protocol, "seeds": seeds, "config": config, "overrides": args.overrides, "updates": updates,
+        "variant": variant(C.from_dict(C.Config, C._merge(raw, {"train": {"steps": updates}}))),
+        "baselines": methods[1:], **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in methods},
+        "budgets": {m: runs[0][m]["budget"] for m in methods},
+        "paper": PAPER.get(name, ""), "note": args.note, "command": command_line(args, config),
+        "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0, 1), "runs": runs,
+        "resolved_config": C.to_dict(cfg),
+    }
+    compare(result, methods)
+    results_dir = Path(args.results) if os.path.isabs(args.results) else REPO / args.results
+    out = results_dir / PROTOCOL_DIRS[protocol] / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_doc(Path(args.doc) if os.path.isabs(args.doc) else REPO / args.doc, results_dir)
+    others = ", ".join(f"{BL.NAMES[m]} {fmt(result[m])}" for m in methods[1:])
+    print(f"{name} ({protocol}): ours {fmt(result['ours'])}; {others} over {len(seeds)} seeds in "
+          f"{result['seconds']:.0f} s; {row_verdict(result)}; wrote {out} and {args.doc}", flush=True)
+    return result
+
+
+def command_line(args, config: str) -> str:
+    """The command a results row records: what was given, defaults left out."""
+    return "python launch/reproduce.py " + " ".join(shlex.quote(a) for a in [
+        "--config", os.path.relpath(config, REPO) if os.path.isabs(config) else config, "--seeds", str(args.seeds),
+        *(["--protocol", args.protocol] if args.protocol != "realistic" else []),
+        *(["--updates", str(args.updates)] if args.updates else []), *(["--name", args.name] if args.name else []),
+        *(["--baselines", args.baselines] if args.baselines != "all" else []), *args.overrides])
+
+
+# ----------------------------------------------------------------------------- the table
+
+
 def fmt(s: dict | None) -> str:
     return "-" if not s else f"{s['mean']:.1f} ± {s['std']:.1f}"
 
 
-def best_baseline(r: dict) -> tuple[str, dict] | None:
-    """The baseline with the highest mean test accuracy among those the row ran."""
-    ran = [(n, r[n]) for n in BASELINES if r.get(n)]
-    return max(ran, key=lambda kv: kv[1]["mean"]) if ran else None
-
-
-# Means within this many points count as level: accuracies are float32, so two methods with the same
-# number of correct test examples can differ in the sixth digit (shuttle: 95.3793108 against 95.3793097).
-TIE_POINTS = 1e-3
-
-
-def verdict(r: dict) -> str:
-    best = best_baseline(r)
-    if best is None:
+def legacy_verdict(r: dict) -> str:
+    """Rows written before the paired statistics (oracle-val): ours against the best baseline by mean."""
+    ran = [n for n in BASELINES if r.get(n)]
+    if not ran:
         return "no baseline run"
-    name, s = best
-    ran = sum(1 for n in BASELINES if r.get(n))
-    of = f"the best of the {ran} baselines run" if ran < len(BASELINES) else "the best baseline"
-    if abs(r["ours"]["mean"] - s["mean"]) < TIE_POINTS:  # the same number of test examples right: not a win
-        return f"**level with {BL.NAMES[name]}** ({of}; the same mean)"
-    if r["ours"]["mean"] > s["mean"]:
-        return f"beats {of} ({BL.NAMES[name]})"
-    return f"**does not beat {BL.NAMES[name]}** ({of})"
+    best = max(ran, key=lambda n: r[n]["mean"])
+    diff = r["ours"]["mean"] - r[best]["mean"]
+    if abs(diff) < stats.TIE_POINTS:
+        return f"level with {BL.NAMES[best]} by mean"
+    return f"{'above' if diff > 0 else 'below'} {BL.NAMES[best]} by mean (no interval)"
+
+
+def row_verdict(r: dict) -> str:
+    if "paired" not in r:
+        return legacy_verdict(r)
+    p = r["paired"]
+    return (f"**{r['verdict']}** against {BL.NAMES[p['baseline']]}: {p['mean']:+.1f} "
+            f"[{p['low']:+.1f}, {p['high']:+.1f}] over {p['n']} seeds")
+
+
+def interval(p: dict | None) -> str:
+    return "-" if not p else f"{p['mean']:+.1f} [{p['low']:+.1f}, {p['high']:+.1f}]"
+
+
+def realistic_table(rows: list[dict]) -> list[str]:
+    head = ["dataset", "labels", "seeds", "updates", "ours", "best baseline", "ours − best (95% CI)", "verdict",
+            "ours − supervised (95% CI)", *(BL.NAMES[n] for n in BASELINES)]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in sorted(rows, key=lambda r: r["name"]):
+        best = r.get("best_baseline")
+        cells = [r["name"], str(r["labels"]), str(len(r["seeds"])), f"{r['updates']:,}", fmt(r["ours"]),
+                 BL.NAMES[best] if best else "-", interval(r.get("paired")), f"**{r.get('verdict', '-')}**",
+                 interval(r.get("paired_supervised")), *(fmt(r.get(n)) for n in BASELINES)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def suite_lines(rows: list[dict]) -> list[str]:
+    """The suite summary over the realistic rows of SUITES' configs."""
+    out = []
+    for suite, configs in SUITES.items():
+        names = {Path(c).stem for c in configs}
+        got = [r for r in rows if r["name"] in names and "verdict" in r]
+        if not got:
+            continue
+        methods = set.intersection(*(set(r["baselines"]) for r in got))
+        summ = stats.suite_summary([{"name": r["name"], "verdict": r["verdict"],
+                                     "means": {m: r[m]["mean"] for m in ("ours", *methods)}} for r in got])
+        seeds = sorted({len(r["seeds"]) for r in got})
+        ranked = sorted(summ["mean_ranks"].items(), key=lambda kv: kv[1])
+        out += [f"**Suite `{suite}`** ({len(got)} of {len(configs)} tables, {'/'.join(map(str, seeds))} seeds each): "
+                f"ours wins {summ['wins']}, level {summ['level']}, loses {summ['loses']} against the best "
+                f"baseline of each table (paired 95% interval); ours' mean at or above the best baseline's on "
+                f"{summ['ours_mean_at_or_above_best']} of {summ['tables']}. Mean rank over the tables (1 = best): "
+                + ", ".join(f"{'ours' if m == 'ours' else BL.NAMES[m]} {v:.2f}" for m, v in ranked) + ".", ""]
+    return out
+
+
+def legacy_table(rows: list[dict]) -> list[str]:
+    head = ["dataset", "labels", "seeds", "ours", *(BL.NAMES[n] for n in BASELINES), "paper (ours)", "variant",
+            "verdict", "command", "date"]
+    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in sorted(rows, key=lambda r: r["name"]):
+        note = f" ({r['note']})" if r.get("note") else ""
+        name = r["name"] if r["name"] == r["dataset"] else f"{r['name']} ({r['dataset']})"
+        cells = [name, str(r["labels"]), str(len(r["seeds"])), fmt(r["ours"]), *(fmt(r.get(n)) for n in BASELINES),
+                 r.get("paper") or "-", r["variant"] + note, row_verdict(r), f"`{r['command']}`", r["date"]]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def render(results: list[dict]) -> str:
-    head = ["dataset", "labels", "ours", "best baseline", *(BL.NAMES[n] for n in BASELINES), "paper (ours)",
-            "variant", "verdict", "command", "date"]
-    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in sorted(results, key=lambda r: r["name"]):
-        note = f" ({r['note']})" if r.get("note") else ""
-        if "resolved_config" in r:  # from the config itself, so that older results show the same fields
-            r["variant"] = (variant(C.from_dict(C.Config, r["resolved_config"]))
-                            + restarts_note(r.get("restarts", 1), r.get("race", 0)))
-        if r.get("neural_steps"):  # the network baselines' own length and grid search
-            grid = f", grid on seed {r['seeds'][0]} only" if r.get("neural_grid") == "first-seed" else ""
-            tries = r.get("neural_restarts", 1) if r.get("race") else 1  # else the variant's restarts say it
-            grid += restarts_note(tries)
-            note = f"; VAT / Π-model: {r['neural_steps']:,} updates{grid}" + note
-        name = r["name"] if r["name"] == r["dataset"] else f"{r['name']} ({r['dataset']})"
-        best = best_baseline(r)
-        cells = [name, str(r["labels"]), fmt(r["ours"]), BL.NAMES[best[0]] if best else "-",
-                 *(fmt(r.get(n)) for n in BASELINES), r.get("paper") or "-", r["variant"] + note, verdict(r),
-                 f"`{r['command']}`", r["date"]]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join([
-        BEGIN, "## Results (reproduce command)", "",
-        (f"Test accuracy (%), mean ± std over {', '.join(sorted({str(len(r['seeds'])) for r in results}))} seeds; "
-         "each seed is a different labelled set (data.split_seed = train.seed = seed) and every method uses "
-         "the same labelled examples for a seed, with its settings chosen on the validation split. Ours and "
-         "supervised-only: the checkpoint best on validation. Label spreading: scikit-learn "
-         "LabelSpreading(kernel='rbf'), gamma chosen on validation, unlabelled pool subsampled. Logistic "
-         "regression, random forest and gradient boosting see the labelled rows alone; self-training wraps the "
-         "better of the first two; VAT and the Π-model train our encoder with the prior MLP as the head "
-         "(launch/baselines.py). '-': not run for that row. The verdict compares ours with the best baseline "
-         "the row ran, by mean. Per-seed figures and chosen settings: results/<name>.json. Regenerate with "
-         "`python launch/reproduce.py --config ...`."), "",
-        *rows, "", END])
+    realistic = [r for r in results if r.get("protocol") == "realistic"]
+    oracle = [r for r in results if r.get("protocol", "oracle-val") == "oracle-val"]
+    lines = [BEGIN, "## Results (reproduce command)", ""]
+    if realistic:
+        lines += [
+            "### Realistic protocol: the labelled examples only, final weights, equal budgets", "",
+            ("Test accuracy (%), mean ± std over the seeds; each seed is a different labelled set "
+             "(data.split_seed = train.seed = seed) and every method uses the same labelled examples for a seed. "
+             "No method sees a label outside the labelled set: ours, supervised-only, VAT and the Π-model run "
+             "fixed settings for the same number of updates, once, and are tested with their final weights; "
+             "the scikit-learn methods choose their settings by stratified cross-validation on the labelled set. "
+             "The validation split is never opened. 'ours − best' is the mean per-seed difference to the "
+             "baseline with the highest mean, with its 95% Student-t interval; the verdict says 'wins' only "
+             "when the interval lies above zero, 'level' when it spans zero, 'loses' otherwise. Per-seed "
+             "figures, budgets and chosen settings: results/realistic/<name>.json; commands there and in "
+             "docs/RESULTS.md."), "", *suite_lines(realistic), *realistic_table(realistic), ""]
+    if oracle:
+        lines += [
+            "### Oracle-val protocol (for comparison with papers)", "",
+            ("Test accuracy (%), mean ± std over the seeds, each method's settings and the networks' checkpoint "
+             "chosen on a validation split many times larger than the labelled set (50x-90x on MNIST and the "
+             "tables): what a user with only the labelled examples cannot do. Rows without an interval were "
+             "written before the paired statistics and compare means only; several used per-dataset settings and "
+             "budgets that differed between methods (their variant column says so). Per-seed figures: "
+             "results/oracle_val/<name>.json."), "", *legacy_table(oracle), ""]
+    return "\n".join([*lines, END])
 
 
 def write_doc(doc: Path, results_dir: Path) -> None:
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    results = [json.loads(p.read_text()) for d in PROTOCOL_DIRS.values()
+               for p in sorted((results_dir / d).glob("*.json"))]
     block = render(results)
     text = doc.read_text() if doc.exists() else "# Results\n"
     if BEGIN in text and END in text:
@@ -378,271 +459,21 @@ def write_doc(doc: Path, results_dir: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-# What VAT and the Pi-model never read (launch/baselines.py builds the encoder and the prior MLP head from the
-# model section, trains them with Adam at optim.lr_encoder, betas and weight_decay, and draws no chains): a
-# --neural-from file may differ from this command's config here and nowhere else.
-NOT_READ_BY_NEURAL = {
-    "model": ("generator", "likelihood", "gen_channels", "sigma0", "obs_sigma", "labelled_weight", "energy_penalty",
-              "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
-    "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
-    "sampler": None, "health": None}
-
-
-def _config_differences(a: dict, b: dict, ignore: dict) -> list[str]:
-    """section.key of every value that differs between two resolved configs, but those `ignore` names
-    (a section mapped to None is ignored whole)."""
-    out = []
-    for section in sorted(set(a) | set(b)):
-        skip = ignore.get(section, ())
-        if section in ignore and skip is None:
-            continue
-        sa, sb = a.get(section, {}), b.get(section, {})
-        if not isinstance(sa, dict) or not isinstance(sb, dict):
-            out += [section] if sa != sb else []
-            continue
-        out += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if k not in skip and sa.get(k) != sb.get(k)]
-    return out
-
-
-def earlier_results(path: str, cfg: C.Config, seeds: list[int], flag: str = "--ours-from") -> tuple[dict, dict]:
-    """An earlier results file (checked to be of this config and these seeds) and its runs by seed. For
-    --neural-from the config may differ in what VAT and the Pi-model never read (NOT_READ_BY_NEURAL)."""
-    try:
-        earlier = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise C.ConfigError(f"{flag} {path}: cannot read it as a results JSON ({e})") from None
-    try:  # fields added since then take their defaults
-        theirs = C.to_dict(C.from_dict(C.Config, earlier["resolved_config"]))
-        differ = _config_differences(theirs, C.to_dict(cfg), NOT_READ_BY_NEURAL if flag == "--neural-from" else {})
-    except (KeyError, C.ConfigError):
-        differ = ["resolved_config (missing or unreadable)"]
-    if differ:
-        raise C.ConfigError(f"{flag} {path}: its resolved config differs from this command's in {', '.join(differ)}; "
-                            "pass the config and overrides it was made with (its 'command' field)")
-    runs = {r["seed"]: r for r in earlier.get("runs", [])}
-    missing = [s for s in seeds if s not in runs]
-    if missing:
-        raise C.ConfigError(f"{flag} {path}: no runs for seeds {missing}; lower --seeds")
-    if any("label_spreading" not in runs[s] for s in seeds):
-        raise C.ConfigError(f"{flag} {path}: it has no label spreading figures, which check that the shards are "
-                            "the same; take it from a run that had label_spreading among its --baselines")
-    return earlier, runs
-
-
-def same_shards(flag: str, path: str, s: int, earlier_seed: dict, fitted: dict) -> None:
-    """Label spreading is deterministic given the shards: a different figure means other data."""
-    before, now = earlier_seed["label_spreading"]["test_accuracy"], fitted["label_spreading"]["test_accuracy"]
-    if abs(before - now) > 1e-9:
-        raise RuntimeError(f"{flag} {path}: label spreading on seed {s} gives {now:.4f} here and {before:.4f} "
-                           f"there, so the shards differ; train those methods again without {flag}")
-
-
-RESTART_STRIDE = 1000  # restart r of seed s trains with train.seed = s + 1000 r
-
-
-def restart_dir(work: Path, s: int, method: str, r: int) -> Path:
-    """Where restart r of `method` on seed s runs: seed{s}/{method} for the first, seed{s}/{method}-r{r} after."""
-    return work / f"seed{s}" / (method if r == 0 else f"{method}-r{r}")
-
-
-def best_restart(results: list[dict], brief) -> dict:
-    """The restart best on validation (the first on ties), with every restart's figures under "restarts"
-    when there is more than one. brief(result) -> the fields kept for the row."""
-    rows = [brief(res) for res in results]
-    best = max(range(len(rows)), key=lambda i: (rows[i]["val_accuracy"], -i))
-    if len(rows) == 1:
-        return rows[0]
-    return {**rows[best], "restart": best,
-            "restarts": [{k: row.get(k) for k in ("train_seed", "val_accuracy", "test_accuracy", "best_step")}
-                         for row in rows]}
-
-
-def raced(res: dict) -> dict:
-    """A --race result's record of the race: which initialisation won, and every one's figures at the pause."""
-    return {k: res[k] for k in ("restart", "race") if k in res}
-
-
-def seed_row(s: int, url: str, earlier, ours_from, chosen, fitted: dict, trained: dict, neural=None,
-             neural_from: str = "") -> dict:
-    """One seed's results: ours and supervised (trained now, or taken from --ours-from), then the baselines.
-    trained: (seed, method, restart) -> the run's result; each method keeps its restart best on validation."""
-    def restarts(method: str) -> list[dict]:
-        return [trained[k] for k in sorted(k for k in trained if k[:2] == (s, method))]
-
-    if earlier is not None:
-        same_shards("--ours-from", ours_from, s, earlier[s], fitted)
-        run = {k: earlier[s][k] for k in ("ours", "supervised") if k in earlier[s]}
-        run["ours"] = {**run["ours"], "from": ours_from}
-    else:
-        keys = ("val_accuracy", "best_step", "seconds", "recoveries", "stopped_at", "reused")
-        run = {"ours": best_restart(restarts("ours"), lambda res: {k: res.get(k) for k in keys} | {
-            "train_seed": res.get("train_seed"), "test_accuracy": res["test"]["accuracy"],
-            "test_macro_f1": res["test"].get("macro_f1")} | raced(res))}
-        if "supervised" in chosen:
-            run["supervised"] = best_restart(restarts("supervised"), lambda res: {
-                k: res.get(k) for k in ("val_accuracy", "best_step", "seconds", "reused", "train_seed")}
-                | {"test_accuracy": res["test"]["accuracy"]} | raced(res))
-    run.update(fitted)
-    run.update({m: best_restart(restarts(m), lambda res: res) for m in BL.NEURAL if (s, m, 0) in trained})
-    if neural is not None:  # --neural-from
-        same_shards("--neural-from", neural_from, s, neural[s], fitted)
-        run.update({m: {**neural[s][m], "from": neural_from} for m in BL.NEURAL if m in neural[s]})
-    return {"seed": s, "shards": url, **run}
-
-
-def training_jobs(args, chosen: list[str], have_ours: bool, seeds: list[int], urls: dict, work: Path,
-                  futures: dict) -> list:
-    """(seed, method, restart, callable) for the thread pool: the training subprocesses (ours and supervised
-    unless --ours-from gave them, then VAT / Pi-model), --restarts of each. `futures` is where the pool's
-    futures will be: a later job waits there for an earlier one's result (--neural-grid first-seed: the first
-    seed's grid; a restart of VAT / Pi-model: its seed's first run, whose setting it trains again)."""
-    neural_steps = [f"train.steps={args.neural_steps}"] if args.neural_steps > 0 else []
-    restarts = range(max(1, args.restarts))
-
-    def tuned(method: str, s: int, r: int) -> Path | None:
-        """The result.json whose chosen setting this run trains, once its job is done (it was queued
-        first, so it runs before this one waits): the seed's own first run for a restart, the first
-        seed's with --neural-grid first-seed; None to search the grid here."""
-        if r > 0:
-            source = s
-        elif args.neural_grid == "first-seed" and s != seeds[0]:
-            source = seeds[0]
-        else:
-            return None
-        futures[(source, method, 0)].result()
-        return restart_dir(work, source, method, 0) / "result.json"
-
-    def train_overrides(s: int, ts: int, method: str) -> list[str]:
-        """launch/train.py's overrides for ours or supervised on seed s's shards with train.seed ts."""
-        return [*args.overrides, f"data.shards={urls[s]}", f"data.split_seed={s}", f"train.seed={ts}",
-                *(["train.method=supervised"] if method == "supervised" else [])]
-
-    jobs = []
-    methods = [] if have_ours else ["ours", *(["supervised"] if "supervised" in chosen else [])]
-    for s in seeds if args.race else ():  # --race: one job per seed and method, its tries in turn
-        for method in methods:
-            tries = [(s + RESTART_STRIDE * r, train_overrides(s, s + RESTART_STRIDE * r, method),
-                      restart_dir(work, s, method, r)) for r in restarts]
-            jobs.append((s, method, 0, lambda tries=tries, rec=work / f"seed{s}" / f"{method}-race.json": race_run(
-                args.config, tries, args.race, rec, args.reuse)))
-    for r in restarts if not args.race else ():  # ours and supervised first: the longest runs start first
-        for s in seeds:
-            ts = s + RESTART_STRIDE * r
-            for method in methods:
-                out = restart_dir(work, s, method, r)
-                out.mkdir(parents=True, exist_ok=True)
-                jobs.append((s, method, r, lambda ov=train_overrides(s, ts, method), out=out, ts=ts: {
-                    **train_run(args.config, ov, out, out / "train.log", args.reuse), "train_seed": ts}))
-    for r in restarts:
-        for s in seeds:
-            ts = s + RESTART_STRIDE * r
-            for method in (m for m in BL.NEURAL if m in chosen):
-                jobs.append((s, method, r, lambda method=method, s=s, r=r, ts=ts: {**neural_run(
-                    method, args.config, [*args.overrides, f"train.seed={ts}", *neural_steps], urls[s], ts,
-                    restart_dir(work, s, method, r), args.reuse, tuned(method, s, r)), "train_seed": ts}))
-    return jobs
-
-
-def command_line(args) -> str:
-    """The command a results row records: what was given, defaults left out."""
-    return "python launch/reproduce.py " + " ".join(shlex.quote(a) for a in [
-        "--config", os.path.relpath(args.config, REPO) if os.path.isabs(args.config) else args.config,
-        "--seeds", str(args.seeds), *(["--name", args.name] if args.name else []),
-        *(["--baselines", args.baselines] if args.baselines != "default" else []),
-        *(["--ours-from", args.ours_from] if args.ours_from else []),
-        *(["--neural-steps", str(args.neural_steps)] if args.neural_steps > 0 else []),
-        *(["--neural-grid", args.neural_grid] if args.neural_grid != "every-seed" else []),
-        *(["--restarts", str(args.restarts)] if args.restarts > 1 else []),
-        *(["--race", str(args.race)] if args.race else []),
-        *(["--neural-from", args.neural_from] if args.neural_from else []), *args.overrides])
-
-
-def reproduce(args) -> dict:
-    t0 = time.time()
-    raw = C.raw_tree(args.config, args.overrides)
-    cfg = C.from_dict(C.Config, raw)
-    chosen = parse_baselines(args.baselines)
-    if args.race >= cfg.train.steps:
-        raise C.ConfigError(f"--race {args.race}: must be below train.steps ({cfg.train.steps}), where the winner "
-                            "continues to")
-    name = args.name or Path(args.config).stem
-    work = (REPO / args.work / name).resolve() if not os.path.isabs(args.work) else Path(args.work) / name
-    seeds = list(range(args.seeds))
-    earlier = earlier_results(args.ours_from, cfg, seeds)[1] if args.ours_from else None
-    neural_file, neural = earlier_results(args.neural_from, cfg, seeds, "--neural-from") if args.neural_from \
-        else ({}, None)
-    if neural is not None:
-        chosen = [m for m in chosen if m not in BL.NEURAL]  # not trained: taken from the file
-    if (earlier is not None or neural is not None) and "label_spreading" not in chosen:
-        chosen = parse_baselines(",".join([*chosen, "label_spreading"]))  # it checks the shards
-    urls = {}
-    for s in seeds:  # one shard build per seed, shared by every method
-        shard_dir = work / f"seed{s}" / "shards"
-        urls[s] = make.ensure(C.from_dict(C.Config, C._merge(raw, {"data": {
-            "shards": str(shard_dir), "split_seed": s}})).data)
-    manifest = data.read_manifest(urls[seeds[0]])
-
-    futures = {}  # (seed, method, restart) -> Future, filled as the jobs are submitted
-    jobs = training_jobs(args, chosen, earlier is not None, seeds, urls, work, futures)
-    sklearn = [m for m in BL.SKLEARN if m in chosen]
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for s, m, r, fn in jobs:
-            futures[(s, m, r)] = pool.submit(fn)
-        fitted = {}  # meanwhile, here: the scikit-learn baselines
-        for s in seeds:
-            fitted[s] = BL.sklearn_baselines(urls[s], sklearn, s, args.ls_max_unlabelled) if sklearn else {}
-            if "label_spreading" in chosen:
-                fitted[s]["label_spreading"] = label_spreading(urls[s], s, args.ls_max_unlabelled)
-        trained = {k: f.result() for k, f in futures.items()}
-
-    runs = [seed_row(s, urls[s], earlier, args.ours_from, chosen, fitted[s], trained, neural, args.neural_from)
-            for s in seeds]
-    command = command_line(args)
-    result = {
-        "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
-        "seeds": seeds, "config": args.config, "overrides": args.overrides,
-        "variant": variant(cfg) + restarts_note(args.restarts, args.race),
-        "baselines": [m for m in BASELINES if all(m in r for r in runs)],
-        "ours": summary([r["ours"]["test_accuracy"] for r in runs]),
-        **{m: summary([r[m]["test_accuracy"] for r in runs]) for m in BASELINES if all(m in r for r in runs)},
-        "paper": PAPER.get(name, ""), "note": args.note, "command": command,
-        **({"neural_steps": args.neural_steps or cfg.train.steps, "neural_grid": args.neural_grid}
-           if any(m in chosen for m in BL.NEURAL) else {}),
-        **({k: neural_file[k] for k in ("neural_steps", "neural_grid") if k in neural_file}
-           | {"neural_restarts": neural_file.get("restarts", 1)} if neural is not None else {}),
-        **({"restarts": args.restarts} if args.restarts > 1 else {}),
-        **({"race": args.race} if args.race else {}),
-        "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0, 1), "runs": runs,
-        "resolved_config": C.to_dict(cfg),
-    }
-    if "label_spreading" in result:
-        result["ls_unlabelled"] = (f"{runs[0]['label_spreading']['unlabelled_used']} of "
-                                   f"{runs[0]['label_spreading']['unlabelled_pool']}")
-    best = best_baseline(result)
-    result["best_baseline"] = best[0] if best else None
-    result["seeds_won_against_best"] = sum(r["ours"]["test_accuracy"] > r[best[0]]["test_accuracy"]
-                                           for r in runs) if best else None
-    results_dir = REPO / args.results if not os.path.isabs(args.results) else Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_doc(REPO / args.doc if not os.path.isabs(args.doc) else Path(args.doc), results_dir)
-    others = ", ".join(f"{BL.NAMES[m]} {fmt(result[m])}" for m in BASELINES if m in result)
-    print(f"{name}: ours {fmt(result['ours'])}; {others} over {len(seeds)} seeds in {result['seconds']:.0f} s; "
-          f"{verdict(result)}; wrote {results_dir / (name + '.json')} and {args.doc}", flush=True)
-    return result
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.seeds < 1:
             raise C.ConfigError(f"--seeds must be >= 1, got {args.seeds}")
-        if args.restarts < 1:
-            raise C.ConfigError(f"--restarts must be >= 1, got {args.restarts}")
-        if args.race and (args.race < 0 or args.restarts < 2):
-            raise C.ConfigError(f"--race {args.race}: a race needs a positive number of updates and --restarts 2 "
-                                "or more (the initialisations that race)")
-        reproduce(args)
+        if args.updates < 0:
+            raise C.ConfigError(f"--updates must be >= 0 (0 = the config's train.steps), got {args.updates}")
+        configs = [args.config] if args.config else [str(REPO / c) for c in SUITES[args.suite]]
+        missing = [c for c in configs if args.suite and not Path(c).exists()]
+        if missing:
+            raise C.ConfigError(f"suite {args.suite}: config {os.path.relpath(missing[0], REPO)} not found")
+        if args.suite and args.name:
+            raise C.ConfigError("--name names one row; a suite names each row by its config")
+        for config in configs:
+            reproduce(args, config)
     except (C.ConfigError, data.DataError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

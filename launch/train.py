@@ -29,6 +29,7 @@ from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
+from ssl_ebm.likelihood import categorical_blocks
 from ssl_ebm.loop import (Preempted, Run, checkpoint, due, evaluate_and_keep_best, finish, log_step, preempt,
                           save_images, stop_if_requested)
 from ssl_ebm.resume import start_or_resume
@@ -46,6 +47,8 @@ def fill_from_manifest(cfg: C.Config, raw: dict, manifest: dict) -> C.Config:
     """Take the data's shape and class count from the manifest unless the config states them."""
     stated = raw.get("model", {})
     fields = {"x_shape": tuple(manifest["x_shape"]), "num_classes": int(manifest["num_classes"])}
+    if cfg.model.likelihood == "mixed":  # a table's one-hot blocks: categorical under the mixed likelihood
+        fields["categorical_blocks"] = categorical_blocks(manifest)
     for key, value in fields.items():
         if key in stated and getattr(cfg.model, key) != value:
             raise C.ConfigError(f"model.{key}: config says {getattr(cfg.model, key)} but the shards at "
@@ -126,6 +129,7 @@ def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:
                             f"step {done}; lower the learning rates, enable optim.grad_clip, or set train.on_nan=skip")
     else:
         runtime.clear_grads(run.state.acc, run.state.model)  # what the window accumulated is not applied
+        run.state.set_schedule_position(done)  # the skipped update counts, as the watchdog's do
         counters["nan_skips"] += 1
         if counters["nan_skips"] > cfg.train.max_nan_skips:
             raise TrainingError(f"{counters['nan_skips']} non-finite losses by step {done} "
@@ -136,8 +140,7 @@ def no_update(run: Run, status: torch.Tensor, terms: dict, done: int) -> None:
 
 
 def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemption | None = None) -> dict:
-    """`before_step(done, state)`, if given, runs before every step (tests inject faults through it);
-    `preemption`: the stop-signal handlers, installed by main before anything slow."""
+    """`before_step(done, state)` runs before every step (tests inject faults); `preemption`: main's handlers."""
     t_start = time.time()
     preemption = preemption or runtime.Preemption()
     if cfg.train.cpu_threads and not torch.cuda.is_available():
@@ -171,13 +174,17 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
               fmt, progress_bar(acc, cfg, start), preemption)
     if cfg.health.watchdog and start == 0:  # somewhere for the watchdog to go back to before the first checkpoint
         state.save(store, "step", 0)
-    stream = data.train_batches(
+    # start_step counts micro-batches; data_offset moves when a resume changes the process count or
+    # train.grad_accum (ssl_ebm/resume.py).
+    # The batches reach the device one step ahead: copied, and images made float, while a step runs.
+    stream = data.DeviceBatches(data.train_batches(
         url, batch_unlabelled=cfg.data.batch_unlabelled if run.ebm else 0, batch_labelled=cfg.data.batch_labelled,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
-        start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0))  # in micro-batches; the
-    # offset moves when a resume changes the process count or train.grad_accum (ssl_ebm/resume.py)
-    val_split = bool(manifest["splits"].get("val", {}).get("count", 0))
+        start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0), uint8_images=True),
+        acc.device, fmt)
+    # train.select=final: the validation split is never opened (no passes, no best-*, no early stopping)
+    val_split = cfg.train.select == "val" and bool(manifest["splits"].get("val", {}).get("count", 0))
     t, end = cfg.train, state.counters.get("stopped_at") or cfg.train.steps  # an early-stopped run stays stopped
     pause = t.stop_after if 0 < t.stop_after < end else None  # validated and checkpointed there, then finish()
     end, done = pause or end, start
@@ -186,7 +193,7 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
         done = step + 1
         if before_step is not None:
             before_step(done, state)
-        batches = [to_device(next(stream), acc.device, fmt) for _ in range(cfg.train.grad_accum)]
+        batches = [next(stream) for _ in range(cfg.train.grad_accum)]
         terms, z_neg, stop_requested = train_step(run, batches, done)
         run.n_log += 1
         if run.progress is not None:
@@ -210,11 +217,6 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
         run.progress.close()
     paused = pause is not None and done == pause and state.counters.get("stopped_at") != done
     return finish(run, manifest, t_start, paused_at=pause if paused else None)
-
-
-def to_device(batch: dict, device, fmt: torch.memory_format) -> dict:
-    return {k: v.to(device, non_blocking=True, memory_format=fmt) if v.dim() == 4 else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
 
 
 def progress_bar(acc, cfg: C.Config, start: int):

@@ -3,6 +3,8 @@
     python -m shards.make --dataset digits --out memory://digits        (scikit-learn's bundled digits)
     python -m shards.make --dataset cifar10 --source cifar-10-python.tar.gz --out file:///data/cifar10
     python -m shards.make --dataset magic_gamma --source ../shared/data/magic_gamma --out s3://bucket/magic
+    python -m shards.make --dataset table --source bank-full.csv.gz --label-column y --na-values unknown \
+        --drop-columns duration --out data_cache/bank   (a CSV as it comes: string columns, missing values)
 
 The output directory (any fsspec URL) holds
     {split}-{000000..}.tar   split in labelled, unlabelled, val, test; --shard-size examples each
@@ -22,6 +24,7 @@ Protocol (seeded by --seed; everything is recorded in the manifest):
 1. test: the source's own test part, or a stratified --test-fraction of it when it has none;
 2. val: a stratified --num-val (a count, or a fraction if < 1) of the training part;
 3. the rest is the training pool: its mean and std standardise vectors; text vocabularies come from it;
+   a table's categories and the medians that fill its missing numbers come from it too (below);
 4. labelled: --num-labelled from the pool, class-balanced (--balance stratified: proportional, at
    least one per class); written with the classes interleaved so any contiguous part is balanced;
 5. unlabelled: the rest of the pool, shuffled. By default the labelled examples also feed the
@@ -29,16 +32,32 @@ Protocol (seeded by --seed; everything is recorded in the manifest):
    protocol may keep a random subset of a count (HEPMASS: 140,000), and may let the validation examples
    feed the unlabelled stream too, without their labels (Protein, for the paper's 41,057 unlabelled).
 
+Tables (`table`: CSV, .csv.gz or parquet; `hf_disk`): string columns, and those named by
+--categorical-columns, become one-hot blocks; the categories are the training pool's values, a missing
+value is the category "(missing)", and a value the pool lacks (a new category in the test part) takes the
+block's last slot, "(unseen)". A missing number (an empty cell, pandas' usual markers such as NA, or a
+--na-values marker) becomes the training pool's median of its column, and a column with missing values in
+the pool gets a 0/1 "is missing" column. Only the numeric columns are scaled; one-hot and indicator
+columns stay 0/1. The vector is [numeric columns, indicators, one-hot blocks]; the manifest's "columns"
+says where each is. Refused with one line: a missing label, a column with no value at all, a label or
+feature column the table lacks, a string column that is numbers with a few stray markers (add them to
+--na-values) or has more than 1,000 distinct values (an identifier: --drop-columns).
+
 manifest.json (format_version 1):
     dataset, kind ("image" | "vector" | "counts"), x_shape ([C, H, W] | [D] | [V]: what the loaders
     return), num_classes, class_names, x_field ("npy" | "png" | "jpg" | "bow.npy"), label_field
     ("cls"), stored_shape / stored_dtype (of x_field: [H, W, C] uint8 | [D] float32 | [2, -1] int32),
     splits: {split: {count, class_counts (by class index), shards: [{name, count, sha256}]}},
     unlabelled_stream (the splits that feed it), normalisation (vectors: method, mean and std per
-    feature, and for "quantile" the levels and each feature's quantiles),
+    feature, and for "quantile" the levels and each feature's quantiles; tables: "columns", the scaled
+    ones), columns (tables, else null: numeric [{name, column, median, missing_indicator}] and
+    categorical [{name, start, size, categories}], the one-hot blocks, width),
     vocab (counts: the words, by id; else null), seed, protocol (what was applied: num_labelled,
-    balance, num_val, test_fraction, balanced_by_truncation, target_bins), source (files read,
-    split_parts: the source part ("train" | "test" | "all") each split's rows index, feature_names),
+    balance, num_val, test_fraction, balanced_by_truncation, target_bins), build_options (the options a
+    training config sets: balance, features, label_column, feature_columns, categorical_columns,
+    drop_columns, na_values, separator, text_column; make.ensure refuses shards built with others),
+    source (files read, split_parts: the source part ("train" | "test" | "all") each split's rows index,
+    feature_names, and for CSV tables the separator of each part),
     split_indices: {split: [source row of example i of the split, in shard order]}, created_by.
 """
 
@@ -72,18 +91,27 @@ OPTIONS: dict[str, Any] = {
     "shard_size": 5000,  # examples per shard
     "num_val": None,  # validation examples (count, or fraction if < 1); None = the dataset's protocol
     "test_fraction": None,  # test part carved from sources without one; None = the dataset's protocol
-    "balance": "balanced",  # labelled selection: "balanced" (equal per class) or "stratified"
+    "balance": None,  # labelled selection: "balanced" (equal per class) or "stratified"; None = the protocol's
     "labelled_in_unlabelled": True,  # labelled examples also feed the unlabelled stream
     "image_format": "npy",  # "npy" (raw uint8), "png", or "jpg" (cifar10_jpeg's own bytes)
     "text": "counts",  # text datasets: "counts" (bag of words) or "embed" (sentence embeddings)
     "vocab_size": 30_000,  # most frequent training words kept for "counts"
     "features": "standard",  # vectors: "standard" (mean / std) or "quantile" (rank-Gauss), ssl_ebm/features.py
     "label_column": "",  # table / hf_disk: the label column ("" = "label")
-    "feature_columns": "",  # table / hf_disk: comma-separated feature columns ("" = all others)
+    "feature_columns": "",  # table / hf_disk: feature columns, comma-separated or a list ("" = all others)
+    "categorical_columns": "",  # table / hf_disk: columns one-hot encoded besides the string ones
+    "drop_columns": "",  # table / hf_disk: columns left out of the features
+    "na_values": "",  # table / hf_disk: values that mean "missing" besides empty cells (e.g. "unknown,?")
+    "separator": "",  # table CSV files: the field separator ("" = detected from the first lines)
     "text_column": "",  # table / hf_disk: a text column (makes a text dataset)
     "image_mode": "",  # image_folder: "L" or "RGB" ("" = grey for grey files, else RGB)
     "progress": True,  # tqdm progress bar
+    "names": "flags",  # how messages name options: "flags" (--balance) or "config" (data.balance, from ensure)
 }
+# The options a training config sets (DataConfig fields of the same names), recorded in the manifest's
+# "build_options" so that make.ensure can refuse shards built with other ones.
+CONFIG_OPTIONS = ("balance", "features", "label_column", "feature_columns", "categorical_columns", "drop_columns",
+                  "na_values", "separator", "text_column")
 SHARD_NAME = re.compile(r"^(labelled|unlabelled|val|test)-\d{6}\.tar$")
 
 
@@ -100,7 +128,8 @@ def _options(options: dict) -> dict:
     need(isinstance(opts["shard_size"], int) and opts["shard_size"] >= 1, "shard_size", "must be an integer >= 1")
     need(opts["num_val"] is None or opts["num_val"] >= 0, "num_val", "must be >= 0")
     need(opts["test_fraction"] is None or 0 < opts["test_fraction"] < 1, "test_fraction", "must be in (0, 1)")
-    need(opts["balance"] in ("balanced", "stratified"), "balance", "use 'balanced' or 'stratified'")
+    need(opts["balance"] in (None, "balanced", "stratified"), "balance", "use 'balanced' or 'stratified'")
+    need(opts["names"] in ("flags", "config"), "names", "use 'flags' or 'config'")
     need(opts["image_format"] in ("npy", "png", "jpg"), "image_format", "use 'npy', 'png' or 'jpg'")
     need(opts["text"] in ("counts", "embed"), "text", "use 'counts' or 'embed'")
     need(isinstance(opts["vocab_size"], int) and opts["vocab_size"] >= 1, "vocab_size", "must be an integer >= 1")
@@ -151,11 +180,12 @@ def _take(rows: np.ndarray, labels: np.ndarray | None, n: int, rng: np.random.Ge
 
 
 def _labelled(pool: np.ndarray, labels: np.ndarray, n: int, balance: str, class_names: list[str],
-              rng: np.random.Generator) -> np.ndarray:
+              rng: np.random.Generator, opts: dict) -> np.ndarray:
     """n labelled rows from the pool, class-interleaved: row k of class c sits near position k / n_c."""
     k = len(class_names)
     if n > len(pool):
-        raise DataError(f"--num-labelled {n} is more than the {len(pool)} examples of the training pool")
+        raise DataError(f"{sources.option(opts, 'num_labelled')} {n} is more than the {len(pool)} examples of the "
+                        "training pool")
     groups = [pool[labels[pool] == c] for c in range(k)]
     counts = np.array([len(g) for g in groups])
     if balance == "balanced":
@@ -168,8 +198,10 @@ def _labelled(pool: np.ndarray, labels: np.ndarray, n: int, balance: str, class_
     for c in range(k):
         if counts[c] < need[c]:
             raise DataError(f"class {class_names[c]!r} has only {counts[c]} examples in the training pool, but the "
-                            f"{balance} labelled set of {n} asks for {need[c]} of it; lower --num-labelled"
-                            + (" or use --balance stratified" if balance == "balanced" else ""))
+                            f"{balance} labelled set of {n} asks for {need[c]} of it; lower "
+                            f"{sources.option(opts, 'num_labelled')}"
+                            + (f" or set {sources.option(opts, 'balance', 'stratified')} (at least one per class, "
+                               "the rest in proportion)" if balance == "balanced" else ""))
     chosen = [rng.permutation(rng.choice(groups[c], need[c], replace=False)) for c in range(k)]
     rows = np.concatenate(chosen + [np.zeros(0, np.int64)])
     position = np.concatenate([(np.arange(len(g)) + 0.5) / len(g) for g in chosen] + [np.zeros(0)])
@@ -186,11 +218,12 @@ def plan_splits(src: sources.Source, protocol: sources.Protocol, num_labelled: i
     num_val = protocol.num_val if opts["num_val"] is None else opts["num_val"]
     test_fraction = protocol.test_fraction if opts["test_fraction"] is None else opts["test_fraction"]
     if num_labelled < 0:
-        raise DataError(f"--num-labelled must be >= 0, got {num_labelled}")
+        raise DataError(f"{sources.option(opts, 'num_labelled')} must be >= 0, got {num_labelled}")
     binned = protocol.target_bins > 0
     y = {p: v for p, v in src.y.items()} if not binned else {}
     rows = {p: np.arange(len(x)) for p, x in src.x.items()}
-    done: dict[str, Any] = {"num_labelled": num_labelled, "balance": opts["balance"]}
+    balance = opts["balance"] or protocol.balance
+    done: dict[str, Any] = {"num_labelled": num_labelled, "balance": balance}
     if protocol.balance_by_truncation:  # every class cut to the smallest class's size, keeping file order
         for p in rows:
             counts = np.bincount(y[p], minlength=len(src.class_names))
@@ -218,7 +251,7 @@ def plan_splits(src: sources.Source, protocol: sources.Protocol, num_labelled: i
         bounds = [-np.inf, *edges, np.inf]
         class_names = [f"{src.target_name} in [{lo:.4g}, {hi:.4g})" for lo, hi in zip(bounds, bounds[1:])]
         done["target_bins"] = {"target": src.target_name, "edges": edges.tolist()}
-    labelled = _labelled(pool, y[train_part], num_labelled, opts["balance"], class_names, rng)
+    labelled = _labelled(pool, y[train_part], num_labelled, balance, class_names, rng, opts)
     unlabelled = rng.permutation(np.setdiff1d(pool, labelled))
     if protocol.num_unlabelled:  # a random subset (the paper's count for a very large source)
         unlabelled = unlabelled[:protocol.num_unlabelled]
@@ -239,11 +272,31 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _scale(x: dict[str, np.ndarray], plan: Plan, method: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Every part's vectors in model units, by `method` fitted on the training pool (ssl_ebm/features.py)."""
-    pool = np.concatenate([plan.splits["labelled"][1], plan.splits["unlabelled"][1]])
-    norm = features.fit(np.asarray(x[plan.train_part], dtype=np.float64)[pool], method)
+def _pool(plan: Plan) -> np.ndarray:
+    """The training pool's rows (labelled + unlabelled): what every fitted transform is fitted on."""
+    return np.concatenate([plan.splits["labelled"][1], plan.splits["unlabelled"][1]])
+
+
+def _scale(x: dict[str, np.ndarray], plan: Plan, method: str,
+           columns: list[int] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Every part's vectors in model units, by `method` fitted on the training pool (ssl_ebm/features.py);
+    `columns`: the ones to scale (None = all)."""
+    norm = features.fit(np.asarray(x[plan.train_part], dtype=np.float64)[_pool(plan)], method, columns)
     return {p: features.to_model(v, norm) for p, v in x.items()}, norm
+
+
+def _table_columns(src: sources.Source, plan: Plan, opts: dict) -> tuple[dict[str, np.ndarray], dict]:
+    """A table's rows as vectors: missing numbers imputed (with indicators), categories one-hot, both fitted on
+    the training pool (ssl_ebm/features.py, fit_columns); the record of that goes to the manifest."""
+    pool = _pool(plan)
+    cat = src.categorical or {p: None for p in src.x}
+    try:
+        record = features.fit_columns(np.asarray(src.x[plan.train_part], dtype=np.float64)[pool],
+                                      None if cat[plan.train_part] is None else cat[plan.train_part][pool],
+                                      list(src.feature_names or []), list(src.categorical_names or []))
+    except DataError as e:  # a column with values in the test or validation part only
+        raise DataError(f"{', '.join(src.files)}: {e}; drop it with {sources.option(opts, 'drop_columns')}") from None
+    return {p: features.encode_columns(v, cat[p], record) for p, v in src.x.items()}, record
 
 
 @dataclass
@@ -257,6 +310,7 @@ class Encoding:
     normalisation: dict
     vocab: list[str] | None = None
     extra: dict | None = None
+    columns: dict | None = None  # tables: imputed numeric columns and one-hot blocks (features.fit_columns)
 
 
 def _encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
@@ -279,17 +333,25 @@ def _encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
     else:
         x, extra = src.x, None
         for part, v in x.items():  # NaN or inf would make the mean, the std and so every stored example NaN
-            bad = ~np.isfinite(np.asarray(v, dtype=np.float64))
+            v = np.asarray(v, dtype=np.float64)
+            bad = np.isinf(v) if src.impute else ~np.isfinite(v)  # a table's NaN is a missing value, imputed
             if bad.any():
                 rows, cols = np.nonzero(bad.reshape(len(bad), -1))
                 column = f"{cols[0]}" + (f" ({src.feature_names[cols[0]]!r})" if src.feature_names else "")
-                raise DataError(f"{', '.join(src.files)}: {int(bad.sum())} non-finite feature value(s) (NaN or inf) "
+                what = "infinite feature value(s)" if src.impute else "non-finite feature value(s) (NaN or inf)"
+                raise DataError(f"{', '.join(src.files)}: {int(bad.sum())} {what} "
                                 f"in {len(np.unique(rows))} row(s) of part {part!r}, the first at row {rows[0]}, "
                                 f"column {column}; drop or impute them in the source, then build again")
-    x, normalisation = _scale(x, plan, opts["features"])
+    if src.kind == "vector" and src.impute:
+        x, columns = _table_columns(src, plan, opts)
+        x, normalisation = _scale(x, plan, opts["features"], features.scaled_columns(columns))
+        names = columns.pop("feature_names")
+    else:
+        x, normalisation = _scale(x, plan, opts["features"])
+        columns, names = None, src.feature_names
     dim = x[plan.train_part].shape[1]
     return Encoding("vector", "npy", [dim], [dim], "float32", lambda part, row: _npy(x[part][row]), normalisation,
-                    extra={**(extra or {}), "feature_names": src.feature_names})
+                    extra={**(extra or {}), "feature_names": names, **(src.read_options or {})}, columns=columns)
 
 
 def _image_encoding(src: sources.Source, plan: Plan, opts: dict) -> Encoding:
@@ -370,7 +432,8 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
     """Read `dataset` from `source`, split it by its protocol and write shards + manifest to `out`.
 
     Options (see OPTIONS): shard_size, num_val, test_fraction, balance, labelled_in_unlabelled,
-    image_format, text, vocab_size, label_column, feature_columns, text_column, image_mode, progress.
+    image_format, text, vocab_size, features, label_column, feature_columns, categorical_columns,
+    drop_columns, na_values, separator, text_column, image_mode, progress, names.
     Returns the manifest."""
     opts = _options(options)
     src, protocol = sources.read(dataset, source, opts)
@@ -420,9 +483,12 @@ def build(dataset: str, out: str, source: str = "", num_labelled: int | None = N
         "unlabelled_stream": ["unlabelled", *(["val"] if plan.protocol.get("val_in_unlabelled") else []),
                               *(["labelled"] if opts["labelled_in_unlabelled"] else [])],
         "normalisation": enc.normalisation,
+        "columns": enc.columns,
         "vocab": enc.vocab,
         "seed": seed,
         "protocol": plan.protocol,
+        "build_options": {k: _option_value(k, opts[k] if k != "balance" else plan.protocol["balance"])
+                          for k in CONFIG_OPTIONS},
         "source": {"files": src.files, "split_parts": {s: p for s, (p, _) in plan.splits.items()},
                    **(enc.extra or {})},
         "split_indices": {s: r.tolist() for s, (_, r) in plan.splits.items()},
@@ -481,13 +547,8 @@ def _ensure(data_cfg: Any, url: str) -> str:
         raise DataError(f"cannot reach {url}: {type(e).__name__}: {e}. Check the URL, the bucket, "
                         "credentials and the network") from None
     if exists:
-        manifest = read_manifest(url)
-        built = (manifest.get("normalisation") or {}).get("method", "standard")
-        wanted = getattr(data_cfg, "features", "standard")
-        if data_cfg.dataset and manifest["kind"] == "vector" and built != wanted:
-            raise DataError(f"the shards at {url} were built with features {built!r}, but data.features is "
-                            f"{wanted!r}: point data.shards at a new directory to build them with {wanted!r}, "
-                            f"or set data.features={built}")
+        if data_cfg.dataset:  # shards the config would build: they must have been built as it asks
+            _check_built_as_asked(read_manifest(url), data_cfg, url)
         return url
     if not data_cfg.dataset:
         raise DataError(f"no shards at {url} and data.dataset is empty: build them with "
@@ -495,8 +556,41 @@ def _ensure(data_cfg: Any, url: str) -> str:
                         "them on first use")
     build(data_cfg.dataset, url, source=data_cfg.source, num_labelled=data_cfg.num_labelled,
           seed=data_cfg.split_seed, text=getattr(data_cfg, "text", "counts"),
-          vocab_size=getattr(data_cfg, "vocab_size", 30_000), features=getattr(data_cfg, "features", "standard"))
+          vocab_size=getattr(data_cfg, "vocab_size", 30_000), names="config", **_asked(data_cfg))
     return url
+
+
+def _option_value(key: str, value: Any) -> Any:
+    """A build option as recorded and compared: column lists as lists of names, the default label spelled out."""
+    if key in ("feature_columns", "categorical_columns", "drop_columns", "na_values"):
+        return sources.column_names({key: value}, key)
+    if key == "label_column":
+        return value or "label"
+    return value
+
+
+def _asked(data_cfg: Any) -> dict:
+    """The build options `data_cfg` (a config.DataConfig) sets, by CONFIG_OPTIONS name."""
+    defaults = {**OPTIONS, "balance": "balanced"}
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k in CONFIG_OPTIONS for v in [getattr(data_cfg, k, defaults[k])]}
+
+
+def _check_built_as_asked(manifest: dict, data_cfg: Any, url: str) -> None:
+    """One line naming the first option the existing shards were built without, as data.<option>."""
+    built = {k: _option_value(k, v) for k, v in {**OPTIONS, **manifest.get("build_options", {})}.items()
+             if k in CONFIG_OPTIONS}
+    built["balance"] = manifest.get("protocol", {}).get("balance", "balanced")  # manifests before build_options too
+    built["features"] = (manifest.get("normalisation") or {}).get("method", "standard")
+    for key, wanted in _asked(data_cfg).items():
+        if key == "features" and manifest["kind"] != "vector":
+            continue  # scaling is for vectors; image and text shards have none to compare
+        wanted = _option_value(key, wanted)
+        if built[key] != wanted:
+            was = built[key] if not isinstance(built[key], list) else "[" + ", ".join(built[key]) + "]"
+            raise DataError(f"the shards at {url} were built with {key} {built[key]!r}, but data.{key} is "
+                            f"{wanted!r}: point data.shards at a new directory to build them with {wanted!r}, "
+                            f"or set data.{key}={was}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -514,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=OPTIONS["shard_size"], help="examples per shard")
     p.add_argument("--num-val", type=float, default=None, help="validation count, or fraction if < 1")
     p.add_argument("--test-fraction", type=float, default=None, help="test part for sources without one")
-    p.add_argument("--balance", choices=("balanced", "stratified"), default="balanced")
+    p.add_argument("--balance", choices=("balanced", "stratified"), default=None,
+                   help="labelled set: equal per class, or in proportion with one at least per class "
+                        "(default: the dataset's protocol; balanced but for wine_quality)")
     p.add_argument("--labelled-not-unlabelled", action="store_true",
                    help="keep labelled examples out of the unlabelled stream")
     p.add_argument("--image-format", choices=("npy", "png", "jpg"), default="npy")
@@ -523,7 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", choices=features.METHODS, default=OPTIONS["features"],
                    help="vector features: standardised, or rank-Gauss (quantile) then standardised")
     p.add_argument("--label-column", default="")
-    p.add_argument("--feature-columns", default="", help="comma-separated")
+    p.add_argument("--feature-columns", default="", help="comma-separated (default: all but the label)")
+    p.add_argument("--categorical-columns", default="",
+                   help="comma-separated columns to one-hot encode besides the string columns")
+    p.add_argument("--drop-columns", default="", help="comma-separated columns to leave out")
+    p.add_argument("--na-values", default="", help="comma-separated markers of a missing value, e.g. unknown,?")
+    p.add_argument("--separator", default="", help="CSV field separator (default: detected)")
     p.add_argument("--text-column", default="")
     p.add_argument("--image-mode", default="", choices=("", "L", "RGB"))
     p.add_argument("--no-progress", action="store_true")
@@ -533,8 +634,9 @@ def main(argv: list[str] | None = None) -> int:
                          num_val=a.num_val, test_fraction=a.test_fraction, balance=a.balance,
                          labelled_in_unlabelled=not a.labelled_not_unlabelled, image_format=a.image_format,
                          text=a.text, vocab_size=a.vocab_size, features=a.features, label_column=a.label_column,
-                         feature_columns=a.feature_columns, text_column=a.text_column, image_mode=a.image_mode,
-                         progress=not a.no_progress)
+                         feature_columns=a.feature_columns, categorical_columns=a.categorical_columns,
+                         drop_columns=a.drop_columns, na_values=a.na_values, separator=a.separator,
+                         text_column=a.text_column, image_mode=a.image_mode, progress=not a.no_progress)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@
 
 Inputs are tensors or arrays in the units of the source data: images as pixels (N, H, W[, C]) in
 0..255, vectors as the raw features (standardised here with the training shards' mean and std), text
-as word counts (N, V). Outputs are CPU tensors. A checkpoint directory is a torch pickle (`model.pt`,
+as word counts (N, V). Outputs are CPU tensors. Every method works `model.batch_size` (1024) examples or
+chains at a time: each slice of the input is scaled, moved to the device, used and its outputs moved back
+before the next, so memory on the device does not grow with N. A checkpoint directory is a torch pickle (`model.pt`,
 loaded with weights_only=False: unpickling runs whatever code the file names), so `load` reads one only
 when told `allow_pickle=True`; an exported folder holds `model.safetensors` and JSON/YAML, and loads
 without unpickling anything.
@@ -225,25 +227,30 @@ class Model:
         return self.cfg.model.z_dim
 
     # ------------------------------------------------------------------ units
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        """The input's shape (N, ...) against the model's, before anything is converted."""
+        model_shape = tuple(self.cfg.model.x_shape)
+        if len(model_shape) == 3:  # images: pixels (N, H, W[, C])
+            c, h, w = model_shape
+            if not (shape[1:] == (h, w, c) or (c == 1 and shape[1:] == (h, w))):
+                raise ModelError(f"x has shape {shape}; expected images (N, {h}, {w}{'' if c == 1 else f', {c}'}) "
+                                 "of pixels in 0..255, as in the source data")
+        elif len(shape) != 2 or shape[1] != model_shape[0]:
+            raise ModelError(f"x has shape {shape}; expected (N, {model_shape[0]}) for this model")
+
     def to_model_units(self, x) -> torch.Tensor:
-        """Examples in the data's own units -> float32 (N, *model.x_shape) on the model's device, as the loaders give."""
+        """Examples in the data's own units -> float32 (N, *model.x_shape) on the model's device, as the loaders
+        give. All of `x` at once: the methods below convert theirs batch by batch (`_batches`)."""
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_:
             raise ModelError(f"x is {x.dtype}; expected numbers in the data's own units")
-        shape = tuple(self.cfg.model.x_shape)
-        if len(shape) == 3:  # images: pixels (N, H, W[, C]) in 0..255 -> (N, C, H, W) in [-1, 1]
-            c, h, w = shape
-            if x.ndim == 3 and c == 1:
-                x = x[..., None]
-            if x.ndim != 4 or x.shape[1:] != (h, w, c):
-                raise ModelError(f"x has shape {x.shape}; expected images (N, {h}, {w}{'' if c == 1 else f', {c}'}) "
-                                 "of pixels in 0..255, as in the source data")
+        self._check_shape(x.shape)
+        if len(self.cfg.model.x_shape) == 3:  # images: pixels (N, H, W[, C]) in 0..255 -> (N, C, H, W) in [-1, 1]
+            x = x.reshape(*x.shape[:3], -1)
             x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
         else:
-            if x.ndim != 2 or x.shape[1] != shape[0]:
-                raise ModelError(f"x has shape {x.shape}; expected (N, {shape[0]}) for this model")
             if self.kind == "vector" and not np.isfinite(x).all():  # before scaling: quantiles clip inf
                 raise ModelError("x holds NaN or infinite values")
             x = features.to_model(x, self.manifest.get("normalisation") or {}) if self.kind == "vector" \
@@ -263,18 +270,23 @@ class Model:
         return torch.from_numpy(features.to_data(x_model.numpy(), self.manifest.get("normalisation") or {})).float()
 
     def _batches(self, x):
-        x = self.to_model_units(x)
+        """`x` in model units on the device, batch_size examples at a time: each slice of the caller's array is
+        converted (scaled in float64), moved and used before the next, so the device and the scaling hold one
+        batch, never all N (1M CIFAR images would be 12 GB of float32)."""
+        x = x if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(x)
+        self._check_shape(tuple(x.shape))
         for i in range(0, len(x), self.batch_size):
-            yield x[i:i + self.batch_size]
+            yield self.to_model_units(x[i:i + self.batch_size])
 
     def _cat(self, parts: list[torch.Tensor], *tail: int) -> torch.Tensor:
-        return torch.cat(parts).cpu() if parts else torch.zeros((0, *tail))
+        """The per-batch outputs, each already moved to the host, as one CPU tensor."""
+        return torch.cat(parts) if parts else torch.zeros((0, *tail))
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict_proba(self, x) -> torch.Tensor:
         """p(y | x) = softmax(f(mu(x))), (N, K) (eq. 12 with q(z|x) replaced by its mean)."""
-        return self._cat([self.net.predict_proba(b) for b in self._batches(x)], self.num_classes)
+        return self._cat([self.net.predict_proba(b).cpu() for b in self._batches(x)], self.num_classes)
 
     def predict(self, x) -> torch.Tensor:
         """argmax_y f_y(mu(x)), (N,) class indices (names: self.class_names)."""
@@ -283,8 +295,8 @@ class Model:
     @torch.no_grad()
     def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """q(z|x): its mean mu and log-variance, each (N, Z)."""
-        out = [self.net.encoder(b) for b in self._batches(x)]
-        return (self._cat([m.float() for m, _ in out], self.z_dim), self._cat([v.float() for _, v in out], self.z_dim))
+        out = [[t.float().cpu() for t in self.net.encoder(b)] for b in self._batches(x)]
+        return self._cat([m for m, _ in out], self.z_dim), self._cat([v for _, v in out], self.z_dim)
 
     # ------------------------------------------------------------------ generation
     def sample(self, n: int, y=None, *, steps: int = 200, step_size: float | None = None,
@@ -296,23 +308,32 @@ class Model:
         `step_size` (default: the training config's), `seed` for a reproducible draw. `guidance` w (with y)
         samples log p(z) + w log p(y | z) instead: w = 1 (the default) is the model's p(z | y) exactly;
         w > 1 trades diversity for samples the prior's classifier is surer of, as classifier guidance does.
+
+        The chains run `batch_size` at a time (memory on the device is bounded by it, not by n): each batch
+        starts from p0 and takes its steps before the next, all drawing in turn on the one seeded generator.
+        So a seed gives the same draw for the same n and batch_size; n <= batch_size is one batch.
         """
         if n < 0:
             raise ModelError(f"n must be >= 0, got {n}")
         if not guidance > 0:
             raise ModelError(f"guidance must be > 0 (1 = the model's own p(z | y)), got {guidance}")
         mc = self.cfg.model
+        y_N = self._labels(y, n) if y is not None else None
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed)
-        z0 = mc.sigma0 * (torch.randn((n, mc.z_dim), generator=gen, device=self.device))
-        energy = self.net.prior
-        if y is not None:
-            energy = _ClassEnergy(self.net.prior, self._labels(y, n), guidance)
-        z = langevin(energy, z0, steps=steps, step_size=step_size or self.cfg.sampler.step_size, sigma0=mc.sigma0,
-                     generator=gen)
-        return z.cpu()
+        parts = []
+        for i in range(0, n, self.batch_size):
+            b = min(self.batch_size, n - i)
+            z0 = mc.sigma0 * (torch.randn((b, mc.z_dim), generator=gen, device=self.device))
+            energy = self.net.prior
+            if y_N is not None:
+                energy = _ClassEnergy(self.net.prior, y_N[i:i + b].to(self.device), guidance)
+            z = langevin(energy, z0, steps=steps, step_size=step_size or self.cfg.sampler.step_size, sigma0=mc.sigma0,
+                         generator=gen)
+            parts.append(z.cpu())
+        return self._cat(parts, self.z_dim)
 
     def _labels(self, y, n: int) -> torch.Tensor:
         if isinstance(y, str):
@@ -326,7 +347,7 @@ class Model:
             raise ModelError(f"y has {y_N.numel()} classes for {n} samples; give one class or one per sample")
         if n and (y_N.min() < 0 or y_N.max() >= self.num_classes):
             raise ModelError(f"class indices must be in [0, {self.num_classes}), got {y_N.min()}..{y_N.max()}")
-        return y_N.to(self.device)
+        return y_N  # where the caller's labels are; `sample` moves them to the device a batch at a time
 
     @torch.no_grad()
     def generate(self, z) -> torch.Tensor:
@@ -334,8 +355,10 @@ class Model:
         z = torch.as_tensor(z, dtype=torch.float32)
         if z.ndim != 2 or z.shape[1] != self.z_dim:
             raise ModelError(f"z has shape {tuple(z.shape)}; expected (N, {self.z_dim})")
-        parts = [self.net.generator(z[i:i + self.batch_size].to(self.device)) for i in range(0, len(z), self.batch_size)]
-        return self.to_data_units(torch.cat(parts) if parts else torch.zeros((0, *self.cfg.model.x_shape)))
+        if not len(z):
+            return self.to_data_units(torch.zeros((0, *self.cfg.model.x_shape)))
+        return torch.cat([self.to_data_units(self.net.generator(z[i:i + self.batch_size].to(self.device)))
+                          for i in range(0, len(z), self.batch_size)])  # each batch back to the host as it is made
 
     # ------------------------------------------------------------------ out-of-distribution scores
     @torch.no_grad()
@@ -366,9 +389,12 @@ class Model:
             for _ in range(elbo_samples):
                 eps = torch.randn(mu.shape, generator=gen, device=self.device)
                 z = mu + torch.exp(0.5 * logvar) * eps
-                recon = log_likelihood(mc.likelihood, x_B, self.net.generator(z).float(), mc.obs_sigma)
+                recon = log_likelihood(mc.likelihood, x_B, self.net.generator(z).float(),
+                                       self.net.observation_sigma(), mc.categorical_blocks)
                 elbo = elbo + (recon + self.net.prior.free_energy(z)) / elbo_samples
             out["neg_elbo"].append(-elbo)
+            for v in out.values():
+                v[-1] = v[-1].cpu()
         return {k: self._cat(v) for k, v in out.items()}
 
 

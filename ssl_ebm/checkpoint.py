@@ -199,8 +199,13 @@ class CheckpointStore:
         self.remove(sorted(doomed))
 
 
-def resolve_resume(store: CheckpointStore, resume: str) -> tuple[CheckpointStore, str] | None:
-    """Which checkpoint to resume from: `auto` (newest complete, if any), `never`, or a URL."""
+def resolve_resume(store: CheckpointStore, resume: str, allow_pickle: bool = False) -> tuple[CheckpointStore, str] | None:
+    """Which checkpoint to resume from: `auto` (newest complete, if any), `never`, or a URL.
+
+    A checkpoint's .pt files are torch pickles (read with weights_only=False: the RNG states hold numpy
+    arrays, and DeepSpeed's engine files are its own pickles), and unpickling runs any code a file names. The
+    run's own checkpoint directory is trusted as the place it writes to; a URL elsewhere is read only with
+    `allow_pickle` (train.allow_pickle), the rule of `ssl_ebm.load`."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -212,6 +217,11 @@ def resolve_resume(store: CheckpointStore, resume: str) -> tuple[CheckpointStore
     if not other.exists(name, MARKER):
         raise CheckpointError(f"train.resume={resume!r} is not a complete checkpoint (no {MARKER} file); "
                               "use resume=auto, resume=never, or the URL of a complete step-NNNNNN directory")
+    if other.url != store.url and not allow_pickle:
+        raise CheckpointError(f"train.resume={url} is a checkpoint outside this run's checkpoint directory "
+                              f"({store.url}): its .pt files are pickles, and unpickling one runs any code it names. "
+                              "Set train.allow_pickle=true to resume from a checkpoint you trust, or copy it into "
+                              "train.checkpoint_dir and use train.resume=auto")
     return other, name
 
 

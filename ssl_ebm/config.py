@@ -32,8 +32,11 @@ def _choice(value: str, path: str, choices: tuple[str, ...]) -> None:
 
 ENCODERS = ("wrn", "conv", "mlp")
 GENERATORS = ("deconv", "mlp")
-LIKELIHOODS = ("gaussian", "multinomial")
+LIKELIHOODS = ("gaussian", "multinomial", "mixed")
 FEATURE_SCALINGS = ("standard", "quantile")  # vector data (ssl_ebm/features.py)
+TABLE_DATASETS = ("table", "hf_disk")  # the shard sources that read columns (shards/sources.py)
+TABLE_OPTIONS = ("label_column", "feature_columns", "categorical_columns", "drop_columns", "na_values", "separator",
+                 "text_column")  # data.* options of those sources only
 ACTIVATIONS = ("gelu", "relu", "leaky_relu", "elu", "silu", "tanh")
 DECONV_SIZES = (28, 32)  # image sizes (H = W) the 4-layer deconvolutional generator produces
 
@@ -44,7 +47,10 @@ class ModelConfig:
 
     encoder: str = "mlp"  # q(z|x): "wrn" (Wide-ResNet, images), "conv" (small conv net, images) or "mlp" (vectors)
     generator: str = "mlp"  # p(x|z): "deconv" (4-layer, images) or "mlp" (vectors)
-    likelihood: str = "gaussian"  # "gaussian" (fixed obs_sigma) or "multinomial" (word counts)
+    likelihood: str = "gaussian"  # "gaussian" (fixed obs_sigma), "multinomial" (word counts) or "mixed" (tables)
+    # "mixed": the (start, size) of each one-hot block of a table's vector, categorical there and Gaussian on
+    # the other columns; launch/train.py fills it from the shard manifest's "columns" unless the config sets it
+    categorical_blocks: tuple[tuple[int, int], ...] = ()
     x_shape: tuple[int, ...] = (64,)  # (D,) for vectors, (C, H, W) for images
     num_classes: int = 10  # K, the number of symbols y
     z_dim: int = 20  # d, the latent dimension
@@ -60,6 +66,10 @@ class ModelConfig:
     sigma0: float = 1.0  # p0(z) = N(0, sigma0^2 I)
     obs_sigma: float = 0.3  # std of the Gaussian likelihood x = g(z) + N(0, obs_sigma^2)
     labelled_weight: float = 1.0  # weight of the labelled cross-entropy (Algorithm 1, step 6)
+    # Learn one observation std per data dimension (with the generator, from obs_sigma, floored at
+    # OBS_SIGMA_MIN) instead of the fixed obs_sigma: the balance of reconstruction against KL and F(z+) is
+    # then set by the data rather than chosen per dataset. Gaussian and mixed likelihoods only.
+    learn_obs_sigma: bool = False
     prior_spectral_norm: bool = False  # spectral normalisation of the prior's linear layers
     energy_penalty: float = 0.0  # weight of F(z+)^2 + F(z-)^2 (keeps energies bounded); trains the prior only (z+ detached)
     mi_weight: float = 0.0  # weight of the in-batch mutual information I(y; z+) (authors' code: 100; paper: 0)
@@ -80,6 +90,9 @@ class ModelConfig:
         _check(self.z_dim >= 1, "model.z_dim", f"got {self.z_dim}; must be >= 1")
         _check(self.hidden >= 1 and self.prior_hidden >= 1, "model.hidden", "widths must be >= 1")
         _check(self.sigma0 > 0, "model.sigma0", f"got {self.sigma0}; must be > 0")
+        _check(not self.learn_obs_sigma or self.likelihood in ("gaussian", "mixed"), "model.learn_obs_sigma",
+               f"learns the std of a Gaussian likelihood, but model.likelihood is {self.likelihood!r}; "
+               "set model.learn_obs_sigma=false")
         _check(self.obs_sigma > 0, "model.obs_sigma", f"got {self.obs_sigma}; must be > 0")
         _check(self.labelled_weight >= 0, "model.labelled_weight", "must be >= 0")
         _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")
@@ -109,6 +122,13 @@ class ModelConfig:
             _check(self.wrn_width >= 1, "model.wrn_width", "must be >= 1")
         if self.likelihood == "multinomial":
             _check(not image, "model.likelihood", "the multinomial likelihood is for word-count vectors [V]")
+        if self.likelihood == "mixed":
+            _check(not image, "model.likelihood", "the mixed likelihood is for table vectors [D]")
+            ends = sorted(self.categorical_blocks)
+            _check(all(s >= 0 and n >= 2 and s + n <= self.x_shape[0] for s, n in ends)
+                   and all(a + n <= b for (a, n), (b, _) in zip(ends, ends[1:])), "model.categorical_blocks",
+                   f"got {[list(b) for b in self.categorical_blocks]}; each block [start, size] needs size >= 2, "
+                   f"the blocks must not overlap and must lie inside the {self.x_shape[0]} columns")
 
 
 @dataclass
@@ -139,15 +159,29 @@ class SamplerConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards are, and how batches are drawn from them."""
+    """Where the shards are, and how batches are drawn from them.
+
+    The fields from `dataset` to `text_column` say how to build the shards when they are missing (the
+    options of `python -m shards.make`, under the same names); shards that exist must have been built with
+    the same ones, or the run stops naming the option that differs. The column options are for
+    `dataset: table` (a CSV or parquet file) and `hf_disk`; shards/make.py says how tables are encoded.
+    """
 
     shards: str = ""  # fsspec URL of a shard directory holding manifest.json
     dataset: str = ""  # if set and the shards are missing, build them from this source first
     source: str = ""  # path of the source files for `dataset` (unused for digits)
     num_labelled: int = 100  # labelled examples, used when building shards
+    balance: str = "balanced"  # the labelled set: "balanced" (equal per class) or "stratified" (a rare class)
     text: str = "counts"  # text datasets, when building shards: "counts" (unigram) or "embed" (sentence embeddings)
     vocab_size: int = 30_000  # text "counts", when building shards: most frequent training words kept
     features: str = "standard"  # vectors, when building shards: "standard" or "quantile" (ssl_ebm/features.py)
+    label_column: str = ""  # tables: the label column ("" = "label")
+    feature_columns: tuple[str, ...] = ()  # tables: the feature columns (empty = all but the label)
+    categorical_columns: tuple[str, ...] = ()  # tables: columns one-hot encoded besides the string ones
+    drop_columns: tuple[str, ...] = ()  # tables: columns left out of the features (e.g. one that leaks the label)
+    na_values: tuple[str, ...] = ()  # tables: values that mean "missing" besides empty cells, e.g. [unknown, "?"]
+    separator: str = ""  # tables: the CSV field separator ("" = detected from the file)
+    text_column: str = ""  # tables: a text column (makes a text dataset)
     split_seed: int = 0  # seed of the labelled/unlabelled/validation split
     batch_unlabelled: int = 128
     batch_labelled: int = 32
@@ -168,6 +202,16 @@ class DataConfig:
         _choice(self.text, "data.text", ("counts", "embed"))
         _check(self.vocab_size >= 1, "data.vocab_size", "must be >= 1")
         _choice(self.features, "data.features", FEATURE_SCALINGS)
+        _choice(self.balance, "data.balance", ("balanced", "stratified"))
+        table_options = [k for k in TABLE_OPTIONS if getattr(self, k)]
+        _check(not table_options or self.dataset in ("", *TABLE_DATASETS), f"data.{(table_options or [''])[0]}",
+               f"is for data.dataset {' or '.join(TABLE_DATASETS)} (a CSV/parquet file or a saved Hugging Face "
+               f"dataset); {self.dataset!r} reads its own files: remove it")
+        both = sorted(set(self.drop_columns) & (set(self.categorical_columns) | set(self.feature_columns)))
+        _check(not both, "data.drop_columns", f"{both} also named in data.categorical_columns or "
+               "data.feature_columns; name each column in one of them")
+        _check(not self.label_column or self.label_column not in self.drop_columns, "data.drop_columns",
+               f"holds the label column {self.label_column!r}; remove it")
 
 
 @dataclass
@@ -233,6 +277,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_last: int = 2
     resume: str = "auto"  # "auto" (newest complete checkpoint if any), "never", or a checkpoint URL
+    allow_pickle: bool = False  # resume=<URL> outside checkpoint_dir: its .pt pickles run code; true if you trust it
     log_every: int = 50
     eval_every: int = 0  # steps between validation passes (0 = only at the end)
     image_every: int = 0  # steps between PNG grids for image data (0 = off)
@@ -243,6 +288,10 @@ class TrainConfig:
     channels_last: bool = True  # on GPU, image nets and batches in channels_last memory format
     log_with: str = "tensorboard"  # Accelerate tracker(s), comma-separated: tensorboard, mlflow, wandb, ...; "none"
     ema_decay: float = 0.0  # > 0: validate, keep and test an exponential moving average of the weights (ssl_ebm/ema.py)
+    # Which weights are tested at the end: "val" = those best on the validation split (passes every eval_every
+    # updates and at the end); "final" = the weights at the end of training (their average with ema_decay),
+    # and the validation split is never opened: what a user with only the labelled examples can do.
+    select: str = "val"
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "train.steps", "must be >= 0")
@@ -256,6 +305,7 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay",
                f"got {self.ema_decay}; must be in [0, 1): 0 = off, e.g. 0.999 to average over ~1,000 updates")
         _choice(self.on_nan, "train.on_nan", ("stop", "skip"))
+        _choice(self.select, "train.select", ("val", "final"))
         _check(bool(self.log_with.strip()), "train.log_with",
                'empty; name an Accelerate tracker (tensorboard, mlflow, wandb, ...) or "none"')
         for name in ("checkpoint_every", "log_every", "eval_every", "image_every"):
@@ -310,6 +360,9 @@ class Config:
         _check(self.health.patience == 0 or self.train.eval_every > 0, "health.patience",
                "early stopping counts validation passes, but train.eval_every is 0 (validation only at the "
                "end); set train.eval_every or health.patience=0")
+        _check(self.health.patience == 0 or self.train.select == "val", "health.patience",
+               "early stopping counts validation passes, but train.select is 'final' (the validation split is "
+               "never opened); set health.patience=0")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -4,11 +4,14 @@ Shards are written by `python -m shards.make` (layout in shards/make.py); this m
 
     read_manifest(url)            the checked manifest.json of a shard directory
     train_batches(url, ...)       endless {"x_u", "x_l", "y_l"} batches for one rank
+    DeviceBatches(batches, device) those batches on the device, the next one copied while a step runs
     eval_batches(url, split, ...) one pass over a split: {"x", "y", "idx"}
 
 Shapes: B = batch size, x_shape = manifest["x_shape"] ((C, H, W) images, (D,) vectors, (V,) counts).
 Decoding: images uint8 -> float32 x / 127.5 - 1; vectors are stored standardised float32; word counts
-are stored sparse and come out as dense float32 counts.
+are stored sparse and come out as dense float32 counts. For training, images can instead leave the
+readers as stored, uint8 (B, H, W, C) (`train_batches(..., uint8_images=True)`: a quarter of the bytes
+to move and pin), and DeviceBatches converts them on the device to the same float32, bit for bit.
 
 Who reads what. A rank's workers are "consumers": consumer g = rank * W + worker of G = world_size * W
 (W = max(num_workers, 1)).
@@ -370,8 +373,11 @@ class _Decoder:
                             f"{self.stored_shape[1]}x{self.stored_shape[0]}; rebuild the shards")
         return arr
 
-    def batch(self, xs: list[np.ndarray]) -> torch.Tensor:
-        """Stored examples -> float32 (B, *x_shape)."""
+    def batch(self, xs: list[np.ndarray], uint8_images: bool = False) -> torch.Tensor:
+        """Stored examples -> float32 (B, *x_shape); with `uint8_images`, images stay as stored, uint8
+        (B, H, W, C), for DeviceBatches to convert on the device."""
+        if self.kind == "image" and uint8_images:
+            return torch.from_numpy(np.stack(xs)) if xs else torch.empty((0, *self.stored_shape), dtype=torch.uint8)
         if not xs:
             return torch.empty((0, *self.x_shape), dtype=torch.float32)
         if self.kind == "image":
@@ -385,13 +391,13 @@ class _Decoder:
             x_BV[i, bow[0]] = bow[1]
         return torch.from_numpy(x_BV)
 
-    def decode(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, samples: list[dict], uint8_images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for s in samples:
             self.check_fields(s)
             ys.append(self.label(s))
             xs.append(self.x(s))
-        return self.batch(xs), torch.tensor(ys, dtype=torch.int64)
+        return self.batch(xs, uint8_images), torch.tensor(ys, dtype=torch.int64)
 
 
 def _slim(manifest: dict) -> dict:
@@ -412,13 +418,13 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, url: str, manifest: dict, batch_unlabelled: int, batch_labelled: int, seed: int,
                  rank: int, world_size: int, num_workers: int, shuffle_buffer: int, start_step: int,
-                 cache_bytes: int) -> None:
+                 cache_bytes: int, uint8_images: bool = False) -> None:
         self.root, self.manifest = _locate(url)[0], _slim(manifest)
         self.bu, self.bl = batch_unlabelled, batch_labelled
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.workers = max(num_workers, 1)
         self.shuffle_buffer, self.start_step = shuffle_buffer, start_step
-        self.cache_bytes = cache_bytes
+        self.cache_bytes, self.uint8_images = cache_bytes, uint8_images
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -442,8 +448,8 @@ class _TrainStream(IterableDataset):
         while True:
             u = [next(unlabelled) for _ in range(self.bu)]
             lab = [next(labelled) for _ in range(self.bl)]
-            x_u = decoder.batch([decoder.x(s) for s in u])
-            x_l, y_l = decoder.decode(lab)
+            x_u = decoder.batch([decoder.x(s) for s in u], self.uint8_images)
+            x_l, y_l = decoder.decode(lab, self.uint8_images)
             yield {"x_u": x_u, "x_l": x_l, "y_l": y_l}
 
     def _unlabelled(self, worker: int, skip: int) -> Iterator[dict]:
@@ -539,11 +545,12 @@ def _loader(dataset: IterableDataset, num_workers: int, seed: int = 0) -> Iterat
 
 def train_batches(url: str, *, batch_unlabelled: int, batch_labelled: int, seed: int, rank: int = 0,
                   world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 1000,
-                  start_step: int = 0, cache_mb: int = 1024) -> Iterator[dict]:
+                  start_step: int = 0, cache_mb: int = 1024, uint8_images: bool = False) -> Iterator[dict]:
     """Endless training batches for one rank: {"x_u": (Bu, *x_shape), "x_l": (Bl, *x_shape), "y_l": (Bl,)}.
 
     x_u and x_l are float32, y_l int64; a batch size of 0 gives an empty tensor of the right trailing
-    shape. Resuming with start_step=k yields exactly the batches k, k+1, ... of the uninterrupted stream
+    shape. With `uint8_images`, image batches are uint8 (B, H, W, C) as stored instead, for DeviceBatches.
+    Resuming with start_step=k yields exactly the batches k, k+1, ... of the uninterrupted stream
     with the same arguments (see the module docstring for the cost)."""
     if batch_unlabelled < 0 or batch_labelled < 0 or batch_unlabelled + batch_labelled == 0:
         raise DataError(f"batch sizes unlabelled={batch_unlabelled}, labelled={batch_labelled}: both must be "
@@ -555,8 +562,88 @@ def train_batches(url: str, *, batch_unlabelled: int, batch_labelled: int, seed:
     if cache_mb < 0:
         raise DataError(f"cache_mb is {cache_mb}: use >= 0 (0 reads every epoch from storage)")
     stream = _TrainStream(url, read_manifest(url), batch_unlabelled, batch_labelled, seed, rank, world_size,
-                          num_workers, shuffle_buffer, start_step, cache_mb << 20)
+                          num_workers, shuffle_buffer, start_step, cache_mb << 20, uint8_images)
     return _loader(stream, num_workers, _seed(seed, rank, 2))
+
+
+# ----------------------------------------------------------------------------- on the device
+
+
+# Byte b as the model sees it, b / 127.5 - 1 in float32, computed once by the host path's own numpy
+# expression (_Decoder.batch). A table lookup on the device gives these exact values; dividing there
+# would not always (CUDA divides a tensor by a scalar as a product with its reciprocal: one bit off).
+_BYTE_TO_UNIT = np.divide(np.arange(256, dtype=np.uint8), 127.5, dtype=np.float32) - np.float32(1.0)
+
+
+class DeviceBatches:
+    """Training batches on `device`, the next one already on its way while the caller's step runs.
+
+        stream = DeviceBatches(train_batches(url, ..., uint8_images=True), device, memory_format)
+        batch = next(stream)  # on the device; its successor is being copied
+
+    Each next() hands over the batch prepared during the previous step and starts the one after: on CUDA
+    the host batch is pinned, copied on a side stream (non-blocking, so the step's kernels keep running),
+    and its uint8 images become the model's float32 (B, C, H, W) there, by table lookup, in
+    `memory_format`; the caller's stream then waits for that copy alone, not for the host. On CPU the same
+    path runs without pinning or streams. uint8 (B, H, W, C) tensors are images; float32 images are only
+    put in `memory_format`; everything else is moved as it is.
+
+    The batches, their order and their values are the host path's (train_batches without uint8_images,
+    then copied), bit for bit (tests/test_data.py), so resuming works as for train_batches (start_step).
+    A batch is read one step early; an error of the stream (a DataError) is raised by the next() that would
+    have returned that batch, as without read-ahead."""
+
+    def __init__(self, batches: Iterator[dict], device: torch.device | str,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.batches = iter(batches)
+        self.device, self.memory_format = torch.device(device), memory_format
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.byte_to_unit = torch.from_numpy(_BYTE_TO_UNIT).to(self.device)
+        self.ahead = self._send()
+
+    def __iter__(self) -> DeviceBatches:
+        return self
+
+    def __next__(self) -> dict:
+        ahead = self.ahead
+        if ahead is None:
+            raise StopIteration
+        if isinstance(ahead, Exception):
+            self.ahead = None
+            raise ahead
+        batch, ready = ahead
+        if ready is not None:  # the step's stream waits for the copy (on the device; the host goes on)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            for x in batch.values():
+                x.record_stream(stream)  # made on the side stream: not reused before the step is done with it
+        self.ahead = self._send()
+        return batch
+
+    def _send(self) -> tuple[dict, torch.cuda.Event | None] | Exception | None:
+        """The next host batch, started on its way: (device batch, event of its arrival), or the stream's
+        error, or None at its end."""
+        try:
+            host = next(self.batches)
+        except StopIteration:
+            return None
+        except Exception as e:  # raised in order, by the next() that would have returned this batch
+            return e
+        if not self.cuda:
+            return {k: self._to_model(x.to(self.device)) for k, x in host.items()}, None
+        with torch.cuda.stream(self.copy_stream):
+            batch = {k: self._to_model(x.pin_memory().to(self.device, non_blocking=True)) for k, x in host.items()}
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return batch, ready
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return x
+        if x.dtype == torch.uint8:  # (B, H, W, C) as stored: channels_last is this layout, seen as (B, C, H, W)
+            x = self.byte_to_unit[x.int()].permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=self.memory_format)
 
 
 # ----------------------------------------------------------------------------- evaluation

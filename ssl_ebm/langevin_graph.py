@@ -20,8 +20,12 @@ How it stays exact and never stale:
 - Parameters gathered per call (DeepSpeed ZeRO-3) would change storage every step: those priors
   use the eager sampler.
 
+- The warm-up before a capture runs the body a few times; what it changes in the prior's buffers (the
+  power iteration of spectral norm) is put back, so capturing leaves the prior as the eager sampler would.
+
 On CPU there is no graph to capture: the same body runs eagerly on the same static buffers
-("static" backend), so the plumbing is exercised by the CPU tests. `backend` says which is used.
+("static" backend), after the same warm-up, so the plumbing is exercised by the CPU tests. `backend`
+says which is used.
 
 Shapes: N chains, Z latent dim, T steps.
 """
@@ -75,6 +79,19 @@ class CapturedLangevin:
             for k in STATS:
                 self._stats[k].copy_(stats[k])
 
+    def _warm_up(self) -> None:
+        """The body `warmup` times, then every buffer of the prior put back as it was. A forward can change
+        buffers in place: spectral norm (model.prior_spectral_norm) runs a power iteration on each one in
+        training mode, updating u and v. Left in, the warm-up's extra iterations would make a run that
+        captures at update S+1 (a resumed one) differ from one that captured at update 1."""
+        buffers = list(self.prior.buffers())
+        saved = [b.detach().clone() for b in buffers]
+        for _ in range(self.warmup):
+            self._body()
+        with torch.no_grad():
+            for b, before in zip(buffers, saved):
+                b.copy_(before)
+
     def _capture(self, z: torch.Tensor, kwargs: dict, with_stats: bool) -> None:
         self._kwargs, self._with_stats = kwargs, with_stats
         self._z = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
@@ -83,13 +100,13 @@ class CapturedLangevin:
         self._stats = {k: torch.zeros((), device=z.device) for k in STATS}
         self.captures += 1
         if z.device.type != "cuda":
+            self._warm_up()  # nothing to capture; run as on GPU all the same, so the CPU tests cover it
             self._graph = None
             return
         side = torch.cuda.Stream(z.device)
         side.wait_stream(torch.cuda.current_stream(z.device))
         with torch.cuda.stream(side):  # warm up outside the graph (allocator, cuBLAS workspaces)
-            for _ in range(self.warmup):
-                self._body()
+            self._warm_up()
         torch.cuda.current_stream(z.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: only this thread's illegal calls abort the capture, not another thread's

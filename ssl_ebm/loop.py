@@ -156,18 +156,21 @@ def preempt(run: Run, done: int) -> None:
 
 
 def finish(run: Run, manifest: dict, t_start: float, paused_at: int | None = None) -> dict:
-    """Teardown: test the weights that were best on validation (never chosen on test); metrics.json.
+    """Teardown: test the weights that were best on validation (never chosen on test), or with
+    train.select=final the weights at the end (averaged with train.ema_decay); metrics.json.
     paused_at: the update where train.stop_after paused the run (recorded; resume=auto continues it)."""
     cfg, acc, net, counters = run.cfg, run.state.acc, run.state.net, run.state.counters
     with runtime.full_params(acc, net):  # a cheap check that every rank ends with the same weights
         checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
     checksums = runtime.gather(acc, checksum.to(acc.device)).tolist()
-    best = best_checkpoint(run.state, run.store)  # this run's, of the live timeline
+    final = cfg.train.select == "final"
+    best = None if final else best_checkpoint(run.state, run.store)  # this run's, of the live timeline
     if best is not None:
         with runtime.full_params(acc, net, modify=True):  # ZeRO-3: load into the gathered parameters
             net.load_state_dict(run.store.read_torch(best, "model.pt"))
     results = {"dataset": manifest.get("dataset", ""), "method": cfg.train.method, "steps": cfg.train.steps,
-               "best_step": counters["best_step"], "val_accuracy": counters["best_val"],
+               "select": cfg.train.select, "best_step": None if final else counters["best_step"],
+               "val_accuracy": None if final else counters["best_val"],
                "nan_skips": counters["nan_skips"], "recoveries": counters.get("recoveries", 0),
                "stopped_at": counters.get("stopped_at"), "tested_checkpoint": best,
                **({"paused_at": paused_at} if paused_at else {}),
@@ -178,8 +181,9 @@ def finish(run: Run, manifest: dict, t_start: float, paused_at: int | None = Non
     if acc.is_main_process:
         logs.write_json(f"{run.out_dir}/metrics.json", results)
         test_acc = results.get("test", {}).get("accuracy", float("nan"))
-        print(f"{results['dataset']} {cfg.train.method}: test accuracy {test_acc:.4f} (best val "
-              f"{counters['best_val']:.4f} at step {counters['best_step']}), "
+        chosen = "final weights" if final else \
+            f"best val {counters['best_val']:.4f} at step {counters['best_step']}"
+        print(f"{results['dataset']} {cfg.train.method}: test accuracy {test_acc:.4f} ({chosen}), "
               f"{f'paused at step {paused_at} of ' if paused_at else ''}{cfg.train.steps} steps in "
               f"{results['seconds']:.0f} s on {acc.num_processes} process(es); results in "
               f"{run.out_dir}/metrics.json", flush=True)

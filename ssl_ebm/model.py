@@ -46,6 +46,9 @@ def batch_mutual_information(logits_BK: torch.Tensor) -> torch.Tensor:
     return marg_entropy - cond_entropy
 
 
+OBS_SIGMA_MIN = 0.05  # floor of a learned observation std (model.learn_obs_sigma): features are standardised
+
+
 class LatentEBM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -53,6 +56,15 @@ class LatentEBM(nn.Module):
         self.encoder = build_encoder(cfg)
         self.generator = build_generator(cfg)
         self.prior = Prior(cfg)
+        # model.learn_obs_sigma: log std per data dimension, trained with the generator (on the ELBO only)
+        self.obs_log_sigma = nn.Parameter(torch.full((math.prod(cfg.x_shape),), math.log(cfg.obs_sigma))) \
+            if cfg.learn_obs_sigma else None
+
+    def observation_sigma(self) -> float | torch.Tensor:
+        """obs_sigma, or the learned std per data dimension (D,), floored at OBS_SIGMA_MIN."""
+        if self.obs_log_sigma is None:
+            return self.cfg.obs_sigma
+        return self.obs_log_sigma.clamp_min(math.log(OBS_SIGMA_MIN)).exp()
 
     def _check_x(self, x: torch.Tensor, name: str) -> None:
         if tuple(x.shape[1:]) != self.cfg.x_shape:
@@ -113,7 +125,8 @@ class LatentEBM(nn.Module):
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
-            recon_B = log_likelihood(cfg.likelihood, x_u, self.generator(z_pos_BZ).float(), cfg.obs_sigma)
+            recon_B = log_likelihood(cfg.likelihood, x_u, self.generator(z_pos_BZ).float(),
+                                     self.observation_sigma(), cfg.categorical_blocks)
             kl_B = kl_to_p0(mu[:n_u], logvar[:n_u], cfg.sigma0)
             F_pos_B = self.prior.free_energy(z_pos_BZ)
             F_neg_N = self.prior.free_energy(z_neg_NZ)
@@ -159,7 +172,9 @@ class LatentEBM(nn.Module):
 
     def param_groups(self, optim: OptimConfig) -> list[dict]:
         """Adam parameter groups with the per-part learning rates of Algorithm 1 (eta_0, eta_1, eta_2)."""
-        parts = (("encoder", self.encoder, optim.lr_encoder), ("generator", self.generator, optim.lr_generator),
-                 ("prior", self.prior, optim.lr_prior))
-        return [{"name": name, "params": [p for p in part.parameters() if p.requires_grad], "lr": lr,
-                 "weight_decay": optim.weight_decay} for name, part, lr in parts]
+        sigma = [self.obs_log_sigma] if self.obs_log_sigma is not None else []  # the observation model's
+        parts = (("encoder", list(self.encoder.parameters()), optim.lr_encoder),
+                 ("generator", [*self.generator.parameters(), *sigma], optim.lr_generator),
+                 ("prior", list(self.prior.parameters()), optim.lr_prior))
+        return [{"name": name, "params": [p for p in params if p.requires_grad], "lr": lr,
+                 "weight_decay": optim.weight_decay} for name, params, lr in parts]

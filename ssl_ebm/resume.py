@@ -46,7 +46,7 @@ def start_or_resume(state, store: CheckpointStore, resume: str) -> None:
     URL): weights, optimizer, chains, RNG and counters (run id included) from the checkpoint; `store` must
     hold no complete checkpoint of another run; the dead timeline after the resumed step is removed."""
     acc = state.acc
-    found = resolve_resume(store, resume)
+    found = resolve_resume(store, resume, state.cfg.train.allow_pickle)
     if found is None:
         refuse_occupied(store, resume)
         state.counters["run_id"] = runtime.broadcast_object(acc, uuid.uuid4().hex[:16])

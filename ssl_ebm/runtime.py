@@ -155,6 +155,16 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
+def forget_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state: the singletons every `Accelerator` of a process shares hold the
+    first one's device, precision and accumulation settings, and refuse a second run that asks for others.
+    For several runs in one process, one after another (the scikit-learn estimator's fits, ssl_ebm/sklearn.py)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+
+
 def exit_process(code: int) -> NoReturn:
     """End a launcher-started process with `code` once its work is done and written.
 

@@ -111,8 +111,15 @@ class TrainingState:
     # ------------------------------------------------------------------ saving and loading
     def save(self, store: CheckpointStore, kind: str, step: int, **extra) -> str:
         """Write checkpoint `<kind>-<step>`: every rank its chains and RNG (and engine shards), then the main
-        process the full weights, schedule, config and counters, COMPLETE last; prunes old ones."""
+        process the full weights, schedule, config and counters, COMPLETE last; prunes old ones.
+
+        A directory of that name is removed first: a save replaces it whole. Otherwise files of an unfinished
+        save into it (another run's, killed mid-save, say with two processes, ZeRO or an average) that this
+        save does not write (rank-00001.pt, deepspeed/..., ema.pt) would sit in a complete checkpoint."""
         acc, name = self.acc, store.dir_name(kind, step)
+        if acc.is_main_process:
+            store.remove([name])
+        acc.wait_for_everyone()
         rank_state = {"rng": runtime.RngState.capture().to_dict(),
                       "bank": self.bank.state_dict() if self.bank else None}
         store.write_torch(name, rank_file(acc.process_index), rank_state)

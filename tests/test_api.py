@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY, run_train
+from torch.overrides import TorchFunctionMode
 
 import ssl_ebm
 from ssl_ebm import api
@@ -152,6 +153,52 @@ def test_bad_inputs_name_the_problem(model):
         model.generate(torch.zeros(2, 3))
 
 
+class DeviceTraffic(TorchFunctionMode):
+    """The most rows of any tensor moved to or from a device (Tensor.to, .cpu, .cuda) while active: what a
+    call holds on the model's device at once (on a CPU-only machine the moves are real calls all the same)."""
+
+    MOVES = (torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda)
+
+    def __init__(self):
+        super().__init__()
+        self.rows = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.MOVES and args[0].dim():
+            self.rows = max(self.rows, args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_batch_size_bounds_what_a_call_holds_at_once(model, trained, monkeypatch):
+    """With batch_size 7, no tensor of more than 7 rows goes to or from the device, into a net, or through the
+    feature scaling (float64), for 359 inputs or 30 chains; the results are those of batch_size 1000."""
+    x, _ = raw_digits(trained[2], "test")
+    z = torch.randn(len(x), model.z_dim, generator=torch.Generator().manual_seed(0))
+    calls = {"predict": lambda: model.predict_proba(x), "encode": lambda: model.encode(x)[0],
+             "generate": lambda: model.generate(z), "score": lambda: model.score(x)["energy"],
+             "sample": lambda: model.sample(30, y=3, seed=0, steps=5)}
+    whole = {name: call() for name, call in calls.items()}  # batch_size 1024: one batch each
+
+    rows = []  # the rows of every input to a net and to the feature scaling
+    hooks = [net.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+             for net in (model.net.encoder, model.net.generator, model.net.prior)]
+    scale = api.features.to_model
+    monkeypatch.setattr(api.features, "to_model", lambda x, norm: rows.append(len(x)) or scale(x, norm))
+    monkeypatch.setattr(model, "batch_size", 7)
+    try:
+        for name, call in calls.items():
+            rows.clear()
+            with DeviceTraffic() as moved:
+                out = call()
+            assert moved.rows <= 7 and rows and max(rows) <= 7, (name, moved.rows, max(rows, default=0))
+            if name != "sample":  # the chains' noise is drawn batch by batch (Model.sample)
+                torch.testing.assert_close(out, whole[name], rtol=1e-5, atol=1e-5, msg=name)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(model.sample(30, y=3, seed=0, steps=5), model.sample(30, y=3, seed=0, steps=5))
+
+
 # ----------------------------------------------------------------------------- sampling and generation
 
 
@@ -172,11 +219,28 @@ def test_sample_is_seeded_and_conditions_on_the_class(model):
     assert torch.equal(model.sample(3, y="7", seed=2), model.sample(3, y=7, seed=2))
 
 
+def langevin_by_hand(model, y: torch.Tensor, w: float, steps: int, seed: int) -> torch.Tensor:
+    """Langevin on log p(z) + w log p(y|z) = F(z) - |z|^2/(2 sigma0^2) + w log softmax(f(z))_y, written out
+    here (w = 1: the model's p(z|y), log density f_y(z) - |z|^2/(2 sigma0^2)), with the noise Model.sample
+    draws: z0 ~ p0, then one N(0, I) per step, all from one CPU generator seeded with `seed`."""
+    sigma0, s = model.cfg.model.sigma0, model.cfg.sampler.step_size
+    gen = torch.Generator().manual_seed(seed)
+    z = sigma0 * torch.randn((len(y), model.z_dim), generator=gen)
+    for _ in range(steps):
+        z.requires_grad_(True)
+        f = model.net.prior(z)
+        log_p = torch.logsumexp(f, 1) + w * torch.log_softmax(f, 1).gather(1, y[:, None]).squeeze(1)
+        (grad,) = torch.autograd.grad(log_p.sum(), z)
+        z = z.detach() + 0.5 * s * s * (grad - z.detach() / sigma0**2) + s * torch.randn(z.shape, generator=gen)
+    return z
+
+
 def test_guidance_sharpens_the_class_and_one_is_the_models_own(model):
-    n = 500
+    n, steps = 500, 50
     y = torch.arange(10).repeat_interleave(n // 10)
-    assert torch.equal(model.sample(n, y=y, seed=0), model.sample(n, y=y, seed=0, guidance=1.0))
-    z1, z4 = model.sample(n, y=y, seed=0), model.sample(n, y=y, seed=0, guidance=4.0)
+    z1, z4 = model.sample(n, y=y, seed=0, steps=steps), model.sample(n, y=y, seed=0, steps=steps, guidance=4.0)
+    torch.testing.assert_close(z1, langevin_by_hand(model, y, 1.0, steps, seed=0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z4, langevin_by_hand(model, y, 4.0, steps, seed=0), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         p1, p4 = (torch.softmax(model.net.prior(z), 1).gather(1, y[:, None]).mean().item() for z in (z1, z4))
     # log p(z) + w log p(y|z) with w = 4: the prior's own p(y|z) of the intended class rises

@@ -17,7 +17,7 @@ from shard_files import (
     ag_news_rows, read_split, rewrite_shard, to_uint8_hwc, write_ag_csv, write_cifar_python,
 )
 from shards.make import build
-from ssl_ebm.data import DataError, eval_batches, read_manifest, split_urls, train_batches
+from ssl_ebm.data import DataError, DeviceBatches, eval_batches, read_manifest, split_urls, train_batches
 
 
 def take(stream, n: int) -> list[dict]:
@@ -167,6 +167,74 @@ def test_the_in_memory_cache_gives_the_same_batches_and_spares_the_files(tmp_pat
     assert list(cache.parts) == [(shard["name"], 0, shard["count"])] and cache.held == size
     with pytest.raises(DataError, match="cache_mb"):
         train_batches(url, cache_mb=-1, **kw)
+
+# ----------------------------------------------------------------------------- on the device
+
+KEYS = ("x_u", "x_l", "y_l")
+
+
+def host_path(url: str, n: int, **kw) -> list[dict]:
+    """The batches as the training loop took them before DeviceBatches: float32 from the readers, then copied."""
+    return [{k: v.to("cpu", non_blocking=True) for k, v in b.items()} for b in take(train_batches(url, **kw), n)]
+
+
+def assert_same_batches(expected: list[dict], got: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(expected, got)):
+        for k in KEYS:
+            assert b[k].dtype == a[k].dtype and b[k].shape == a[k].shape, (step, k, b[k].dtype, b[k].shape)
+            assert torch.equal(a[k], b[k]), f"step {step}: {k} differs from the host path"
+
+
+@pytest.mark.parametrize("kind, workers", [("image", 0), ("image", 2), ("vector", 0)])
+def test_device_batches_equal_the_host_path_bit_for_bit(cifar, digits_shards, kind, workers):
+    """uint8 images from the readers, converted by DeviceBatches, are the float32 batches of the host path,
+    in the same order, over several epochs of the stream (25 examples in batches of 8)."""
+    url = str(cifar) if kind == "image" else digits_shards
+    kw = dict(batch_unlabelled=8, batch_labelled=4, seed=3, num_workers=workers, shuffle_buffer=10)
+    expected = host_path(url, 10, **kw)
+    raw = next(train_batches(url, uint8_images=True, **kw))
+    assert raw["x_u"].dtype == (torch.uint8 if kind == "image" else torch.float32)
+    assert_same_batches(expected, take(DeviceBatches(train_batches(url, uint8_images=True, **kw), "cpu"), 10))
+    if kind == "image":
+        pixels = torch.cat([b["x_u"] for b in expected]).unique()
+        assert len(pixels) == 256, "every byte value is checked"
+        last = take(DeviceBatches(train_batches(url, uint8_images=True, **kw), "cpu", torch.channels_last), 10)
+        assert_same_batches(expected, last)
+        assert all(b["x_u"].is_contiguous(memory_format=torch.channels_last) for b in last)
+
+
+def test_device_batches_resume_and_empty_parts(cifar):
+    kw = dict(batch_unlabelled=8, batch_labelled=4, seed=5, shuffle_buffer=10, uint8_images=True)
+    full = take(DeviceBatches(train_batches(str(cifar), **kw), "cpu"), 9)
+    for k in (1, 4):
+        assert_same_batches(full[k:], take(DeviceBatches(train_batches(str(cifar), start_step=k, **kw), "cpu"), 9 - k))
+    only_u = next(DeviceBatches(train_batches(str(cifar), **{**kw, "batch_labelled": 0}), "cpu"))
+    assert only_u["x_l"].shape == (0, 3, 32, 32) and only_u["x_l"].dtype == torch.float32
+    assert torch.equal(only_u["x_u"], full[0]["x_u"])
+
+
+def test_device_batches_raise_a_stream_error_where_the_host_path_does(cifar):
+    """Reading one batch ahead must not move an error: the batches before it come first, then the DataError."""
+    path, _ = first_shard(cifar)
+    data = bytearray(path.read_bytes())
+    data[512 + 512 + 512 + 200] ^= 0xFF  # one pixel of the first sample: a sha256 mismatch at the shard's end
+    path.write_bytes(bytes(data))
+    kw = dict(batch_unlabelled=4, batch_labelled=0, seed=0, shuffle_buffer=0, cache_mb=0)
+
+    def until_error(stream) -> tuple[list[dict], str]:
+        got = []
+        with pytest.raises(DataError, match="has sha256") as e:
+            for _ in range(20):
+                got.append(next(stream))
+        return got, str(e.value)
+
+    expected, message = until_error(train_batches(str(cifar), **kw))
+    assert len(expected) >= 1, "the damaged shard should not be the first one read"
+    got, got_message = until_error(DeviceBatches(train_batches(str(cifar), uint8_images=True, **kw), "cpu"))
+    assert_same_batches(expected, got)
+    assert got_message == message
+
 
 # ----------------------------------------------------------------------------- standard shards
 

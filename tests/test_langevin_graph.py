@@ -114,3 +114,20 @@ def test_train_eval_mode_and_buffers_are_part_of_the_capture_key(spectral_norm):
     captured(z0.double(), noise=noise, **KW)  # another chain dtype
     assert captured.captures == 5
 
+
+
+def test_the_warm_up_before_a_capture_leaves_the_prior_as_eager_does():
+    """Spectral norm in training mode runs a power iteration on every forward, updating its u and v buffers in
+    place. The warm-up before a capture (on CPU as on GPU) must not leave its extra iterations behind: after the
+    captured sampler's calls the chains and every buffer are the eager sampler's, so a run that captures at update
+    S+1 (resumed) continues as one that captured at update 1."""
+    a, b = prior(prior_spectral_norm=True), prior(prior_spectral_norm=True)
+    z0, noise = torch.randn(N, Z), torch.randn(7, N, Z)
+    captured = CapturedLangevin(a)
+    for _ in range(2):
+        assert torch.equal(captured(z0, noise=noise, **KW), langevin(b, z0, noise=noise, **KW))
+        state_a, state_b = a.state_dict(), b.state_dict()
+        assert any(k.endswith("_u") for k in state_a)
+        for k in state_a:
+            assert torch.equal(state_a[k], state_b[k]), k
+    assert captured.captures == 1 and captured.warmup > 0

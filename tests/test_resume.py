@@ -125,6 +125,20 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(digits_shards,
     assert not (tmp_path / "other" / "config.yaml").exists()
 
 
+def test_a_fresh_run_over_incomplete_checkpoints_of_another_keeps_none_of_their_files(digits_shards, tmp_path):
+    """Only incomplete checkpoints of another run (killed mid-save, with 2 processes, ZeRO and an average): the
+    fresh run may start (nothing there can be resumed), and its step-000005, written into the same-named
+    directory, holds its own files only, none of the other run's (ema.pt, rank-00001.pt, deepspeed/)."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    stale = ckpt / "step-000005"
+    (stale / "deepspeed" / "state").mkdir(parents=True)
+    for name in ("ema.pt", "rank-00001.pt", "deepspeed/state/mp_rank_00_model_states.pt", "model.pt"):
+        torch.save({"other": torch.zeros(2)}, stale / name)
+    run_train(tiny(digits_shards, tmp_path / "run", "train.steps=5", "train.checkpoint_every=5", "train.eval_every=0"))
+    written = sorted(str(p.relative_to(stale)) for p in stale.rglob("*"))
+    assert written == ["COMPLETE", "config.yaml", "meta.json", "model.pt", "optimizer.pt", "rank-00000.pt"], written
+
+
 def test_a_checkpoint_of_another_model_config_is_one_line(digits_shards, finished_run, tmp_path):
     ckpt = finished_run / "checkpoints"
     proc = run_train(tiny(digits_shards, tmp_path / "other", "train.steps=20", "model.z_dim=16",
@@ -133,6 +147,36 @@ def test_a_checkpoint_of_another_model_config_is_one_line(digits_shards, finishe
     assert line == (f"error: checkpoint {ckpt}/step-000010 was trained with another model config (model.z_dim: 8 "
                     "there, 16 here); resume with the same model.* values, or start a new run with "
                     "train.resume=never and another train.checkpoint_dir"), line
+
+
+def test_resume_from_a_url_elsewhere_unpickles_only_with_the_flag(digits_shards, finished_run, tmp_path):
+    """train.resume=<URL> outside this run's checkpoint directory: its .pt files are pickles, refused in one
+    line before any is opened (the payload would touch a file); with train.allow_pickle=true a real one resumes."""
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = tmp_path / "elsewhere" / "step-000010"
+    evil.mkdir(parents=True)
+    for name in ("model.pt", "optimizer.pt", "rank-00000.pt"):
+        torch.save(Payload(), evil / name)
+    (evil / "meta.json").write_text(json.dumps({"step": 10, "world_size": 1}))
+    (evil / "COMPLETE").write_bytes(b"")
+    proc = run_train(tiny(digits_shards, tmp_path / "run", "train.steps=12", f"train.resume={evil}"), check=False)
+    line = one_error(proc)
+    assert line == (f"error: train.resume={evil} is a checkpoint outside this run's checkpoint directory "
+                    f"({tmp_path / 'run' / 'checkpoints'}): its .pt files are pickles, and unpickling one runs any "
+                    "code it names. Set train.allow_pickle=true to resume from a checkpoint you trust, or copy it "
+                    "into train.checkpoint_dir and use train.resume=auto"), line
+    assert not marker.exists()
+
+    good = finished_run / "checkpoints" / "step-000010"
+    proc = run_train(tiny(digits_shards, tmp_path / "run", "train.steps=12", f"train.resume={good}",
+                          "train.allow_pickle=true"))
+    assert f"resumed from {good} at step 10" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step-000012" / "COMPLETE").exists()
 
 
 @pytest.mark.slow

@@ -410,6 +410,11 @@ REAL = {  # dataset: (file, train size, test size, classes, default labelled)
     "satimage": ("satimage/satimage.npz", 5791, 644, 6, 60),
     "shuttle": ("shuttle/shuttle.npz", 52_200, 5800, 7, 35),
     "spambase": ("spambase/spambase.npz", 4141, 460, 2, 20),
+    "electricity": ("electricity/electricity.npz", 40_780, 4532, 2, 20),
+    "pendigits": ("pendigits/pendigits.npz", 7494, 3498, 10, 100),
+    "page_blocks": ("page_blocks/page_blocks.npz", 4925, 548, 5, 50),
+    "phoneme": ("phoneme/phoneme.npz", 4863, 541, 2, 20),
+    "occupancy": ("occupancy/occupancy.npz", 8143, 2665, 2, 20),
 }
 
 
@@ -426,6 +431,19 @@ def test_real_shared_data_protocols(dataset):
     val = np.bincount(plan.y["train"][plan.splits["val"][1]], minlength=k)
     expected = np.bincount(plan.y["train"], minlength=k) * n_val / n_train
     assert np.all(np.abs(val - expected) < 1.0)  # stratified
+
+
+@needs_shared
+def test_real_wine_quality_labels_are_stratified_by_default():
+    """Grade 9 has 4 training rows: the protocol's 70 labels are one per class at least, the rest in proportion."""
+    src, protocol = sources.read("wine_quality", str(SHARED / "wine_quality"), {})
+    plan = plan_splits(src, protocol, seed=0)
+    labelled = np.bincount(plan.y["train"][plan.splits["labelled"][1]], minlength=7)
+    assert plan.protocol["balance"] == "stratified" and labelled.sum() == 70 and labelled.min() >= 1
+    assert labelled.tolist() == [1, 3, 22, 29, 11, 3, 1]
+    with pytest.raises(DataError, match=r"class '9' has only 4 examples in the training pool, but the balanced labelled "
+                                        r"set of 70 asks for 10 of it; lower --num-labelled or set --balance stratified"):
+        plan_splits(src, protocol, seed=0, balance="balanced")
 
 
 @needs_shared
@@ -555,7 +573,7 @@ def test_cli(tmp_path, capsys):
 
 def test_class_too_small_for_the_labelled_count(tmp_path):
     with pytest.raises(DataError, match=r"class '\d' has only \d+ examples in the training pool, but the balanced "
-                       r"labelled set of 1290 asks for 129 of it; lower --num-labelled or use --balance stratified"):
+                       r"labelled set of 1290 asks for 129 of it; lower --num-labelled or set --balance stratified"):
         build("digits", str(tmp_path / "s"), num_labelled=1290, progress=False)
     with pytest.raises(DataError, match="more than the"):
         build("digits", str(tmp_path / "s"), num_labelled=5000, progress=False)
@@ -605,13 +623,21 @@ def _bad_sources(tmp: Path) -> list[tuple[str, str, str]]:
 
 
 def test_non_finite_source_features_are_refused_before_anything_is_written(tmp_path):
+    """NaN in a fixed-format source (a shared .npz) and inf anywhere are refused; a table's NaN is a missing
+    value, imputed (tests/test_tables.py)."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
+    arrays = tabular_npz(tmp_path / "magic04.npz", 60, 20, d=3, k=2)
+    arrays["x_train"][17, 1] = np.nan
+    np.savez_compressed(tmp_path / "magic04.npz", **arrays)
+    with pytest.raises(DataError, match=r"magic04.npz: 1 non-finite feature value\(s\) \(NaN or inf\) in 1 row\(s\) of "
+                                        r"part 'train', the first at row 17, column 1 \('v1'\); drop or impute them"):
+        build("magic_gamma", str(tmp_path / "s"), str(tmp_path / "magic04.npz"), num_labelled=10, progress=False)
     a = rng.normal(size=60)
-    a[17] = np.nan
+    a[17] = np.inf
     pd.DataFrame({"a": a, "b": rng.normal(size=60), "label": np.arange(60) % 2}).to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(DataError, match=r"t.csv: 1 non-finite feature value\(s\) \(NaN or inf\) in 1 row\(s\) of part "
+    with pytest.raises(DataError, match=r"t.csv: 1 infinite feature value\(s\) in 1 row\(s\) of part "
                                         r"'all', the first at row 17, column 0 \('a'\); drop or impute them in the source"):
         build("table", str(tmp_path / "s"), str(tmp_path / "t.csv"), num_labelled=10, progress=False)
     assert not (tmp_path / "s" / "manifest.json").exists()

@@ -235,6 +235,24 @@ def test_launcher_forwards_the_warning_to_zero2_trainers_and_passes_75_on(digits
     assert len(list((ckpt / "deepspeed").rglob("*optim_states.pt"))) == 2
 
 
+def test_a_warning_while_the_launcher_starts_reaches_the_trainer_and_requeues(digits_shards, tmp_path):
+    """SIGUSR1 1.5 s after the launcher starts (while it imports, before any trainer exists): the launcher keeps
+    it, passes it to the trainer once the trainer holds or handles it, and the trainer stops before its first
+    step with status 75, which the launcher passes on."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SLURM / "accelerate_launch.py"), "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "launch/train.py",
+           *tiny(digits_shards, out, "train.steps=100000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGUSR1)
+    text = finish(proc, 120)
+    assert proc.returncode == REQUEUE, text[-4000:]
+    assert "stop signal received during start-up" in text, text[-4000:]
+    assert not logged_steps(out) and not list((out / "checkpoints").glob("*"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher_config,stage", [("multi_node.yaml", 0), ("zero2.yaml", 2)])
 def test_two_nodes_on_loopback_train_together(fake_slurm, digits_shards, tmp_path, launcher_config, stage):

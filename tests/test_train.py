@@ -390,3 +390,23 @@ def test_nan_loss_skip_counts_then_gives_up(digits_shards, tmp_path):
     proc = run_train(tiny(digits_shards, tmp_path / "skip", "optim.lr_prior=1e30", "train.steps=20",
                           "train.on_nan=skip", "train.max_nan_skips=3", "health.watchdog=false"), check=False)
     _fails(proc, "4 non-finite losses by step 5")
+
+
+def test_a_skipped_update_still_steps_the_schedule(digits_shards, tmp_path):
+    """train.on_nan=skip: the update whose loss is NaN (micro-batch 3) is not applied but counts, as the watchdog's
+    skipped steps do; the learning rate logged after update s stays base x factor(s) (cosine after 4 warm-up
+    updates), not one update behind per skip."""
+    from ssl_ebm import config as C
+    from ssl_ebm.state import lr_factor
+
+    args = ["train.steps=8", "train.log_every=1", "train.eval_every=0", "train.on_nan=skip", "health.watchdog=false",
+            "optim.schedule=cosine", "optim.warmup_steps=4"]
+    out = tmp_path / "skip"
+    run_train(["3", "NAN", *tiny(digits_shards, out, *args)], script=REPO / "tests" / "scripts" / "train_with_micro_fault.py")
+    cfg = C.load_config(DIGITS, args)
+    factor = lr_factor(cfg.optim, cfg.train.steps)
+    train_log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["nan_skips"] for r in train_log] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert [r["lr_prior"] for r in train_log] == [cfg.optim.lr_prior * factor(s) for s in range(1, 9)]
+    assert train_log[-1]["lr_prior"] == 0.0  # the cosine still ends on the last update
+

@@ -9,6 +9,10 @@ Plain `accelerate launch` falls short in two ways when SLURM stops a job:
 - it dies on SIGUSR1 (SLURM's time-limit warning) and kills the trainers 30 s after SIGTERM, whatever
   their checkpoint still needs, and the trainers run in their own sessions, so a signal to the launcher
   does not reach them. This forwards SIGUSR1 and SIGTERM to the trainers and waits for them.
+A signal can come at any moment, also while this launcher imports its libraries (seconds) or before the
+trainers have started: it is caught from the first line of `main`, kept, and passed to each trainer as
+soon as the trainer takes it (holds or handles it: launch/train.py does so from its first line; a
+trainer that has just started and does not yet would die of it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 REQUEUE = 75  # ssl_ebm.runtime.Preemption.EXIT_CODE (not imported: the launcher needs no ssl_ebm)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
@@ -39,23 +45,52 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
-def forward(signum, frame) -> None:
-    for pid in child_pids(os.getpid()):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+def takes(pid: int, signum: int) -> bool:
+    """Whether process `pid` blocks or catches `signum` (/proc/<pid>/status), so that it would not die of it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [int(line.split()[1], 16) for line in f if line.startswith(("SigBlk:", "SigCgt:"))]
+    except (OSError, ValueError, IndexError):  # gone meanwhile
+        return False
+    return any(mask >> (signum - 1) & 1 for mask in masks)
+
+
+class Forwarder:
+    """Keeps the stop signals the launcher receives and passes each to every trainer once the trainer takes
+    it; a thread checks every 0.1 s, so trainers started after the signal get it too."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.sent: set[tuple[int, int]] = set()  # (pid, signal)
+
+    def handle(self, signum, frame) -> None:
+        if signum not in self.received:
+            self.received.append(signum)
+
+    def run(self) -> None:
+        while True:
+            for signum in list(self.received):
+                for pid in child_pids(os.getpid()):
+                    if (pid, signum) not in self.sent and takes(pid, signum):
+                        try:
+                            os.kill(pid, signum)
+                        except ProcessLookupError:
+                            pass
+                        self.sent.add((pid, signum))
+            time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
+    forwarder = Forwarder()  # first: a signal during the imports below must not end the launcher
+    for sig in FORWARDED:
+        signal.signal(sig, forwarder.handle)
+    threading.Thread(target=forwarder.run, daemon=True).start()
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # torch elastic's agent would take SIGTERM over (kill the trainers after 30 s); keep it for us.
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)

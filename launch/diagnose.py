@@ -1,0 +1,113 @@
+"""Where does a trained model's accuracy come from? Diagnostics of one run on its validation split.
+
+    python launch/diagnose.py runs/screen/magic_gamma/seed0/base [--checkpoint best-002000]
+
+For the run's final (or named) checkpoint and its shards, on the validation split (never test):
+    f(mu)          accuracy of the model's own classifier, argmax f(mu(x))
+    lr(mu)         a logistic regression on mu(x), fitted on the labelled rows (C by cross-validation on them):
+                   if it beats f(mu), the latent space is good and the prior's head is what falls short
+    lr(x)          the same logistic regression on the raw (scaled) features: if it beats lr(mu), the latent
+                   space makes classes no easier to separate than the input does
+    knn(mu), knn(x) leave-one-out 1-nearest-neighbour accuracy among the validation rows themselves, on mu
+                   and on x: how well classes cluster in each space (uses validation labels, so a diagnostic,
+                   never a way to choose a setting)
+    F by class     mean F(mu(x)) = logsumexp f(mu(x)) per true class, and the share of the prior's samples
+                   (Langevin chains from noise) that f assigns to each class, beside the classes' shares
+Prints one JSON line; --json appends it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+
+import baselines as BL  # launch/baselines.py
+from ssl_ebm import config as C
+from ssl_ebm import data
+from ssl_ebm.checkpoint import CheckpointStore, load_weights
+from ssl_ebm.langevin import langevin
+from ssl_ebm.model import LatentEBM
+
+
+def _lr_cv(x_l, y_l, x_v, y_v, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    s = type("S", (), {})()  # the few fields baselines._cv_accuracy reads
+    s.x_l, s.y_l, s.seed = x_l, y_l, seed
+    best = max(BL.LR_C, key=lambda c: BL._cv_accuracy(s, LogisticRegression(C=c, max_iter=2000), BL._fit_labelled))
+    return float((LogisticRegression(C=best, max_iter=2000).fit(x_l, y_l).predict(x_v) == y_v).mean())
+
+
+def _knn_loo(x, y) -> float:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    nn = KNeighborsClassifier(n_neighbors=2).fit(x, y)
+    idx = nn.kneighbors(x, return_distance=False)[:, 1]  # the nearest other row
+    return float((y[idx] == y).mean())
+
+
+def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
+    cfg = C.from_dict(C.Config, yaml.safe_load(Path(run, "config.yaml").read_text()))
+    store = CheckpointStore(f"{run}/checkpoints")
+    name = checkpoint or store.latest("step")  # the newest complete step-* checkpoint: the final weights
+    net = LatentEBM(cfg.model)
+    net.load_state_dict(load_weights(f"{run}/checkpoints/{name}"))
+    net.eval()
+    url = cfg.data.shards
+    x_l, y_l = BL.read_split(url, "labelled")
+    x_v, y_v = BL.read_split(url, "val")
+    with torch.no_grad():
+        mu_l = net.encoder(torch.from_numpy(x_l).float())[0].numpy()
+        mu_v_t = net.encoder(torch.from_numpy(x_v).float())[0]
+        logits_v = net.prior(mu_v_t)
+        F_v = torch.logsumexp(logits_v, -1).numpy()
+        mu_v = mu_v_t.numpy()
+    K = cfg.model.num_classes
+    torch.manual_seed(seed)
+    z = torch.randn(2000, cfg.model.z_dim) * cfg.model.sigma0
+    z = langevin(net.prior, z, steps=200, step_size=cfg.sampler.step_size, sigma0=cfg.model.sigma0)
+    with torch.no_grad():
+        chain_class = net.prior(z).argmax(-1).numpy()
+    return {"run": run, "checkpoint": name,
+            "f(mu)": float((logits_v.argmax(-1).numpy() == y_v).mean()),
+            "lr(mu)": _lr_cv(mu_l, y_l, mu_v, y_v, seed), "lr(x)": _lr_cv(x_l, y_l, x_v, y_v, seed),
+            "knn(mu)": _knn_loo(mu_v, y_v), "knn(x)": _knn_loo(x_v, y_v),
+            "F_by_class": [round(float(F_v[y_v == k].mean()), 3) for k in range(K) if (y_v == k).any()],
+            "chain_share": np.bincount(chain_class, minlength=K).round(0).tolist(),
+            "class_share": np.bincount(y_v, minlength=K).tolist(),
+            "predicted_share": np.bincount(logits_v.argmax(-1).numpy(), minlength=K).tolist()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("runs", nargs="+", help="run folders (train.out_dir)")
+    p.add_argument("--checkpoint", default="", help="checkpoint name (default: the newest complete one)")
+    p.add_argument("--json", default="", help="append each result line to this file")
+    a = p.parse_args(argv)
+    for run in a.runs:
+        try:
+            out = diagnose(run.rstrip("/"), a.checkpoint)
+        except (data.DataError, C.ConfigError, OSError) as e:
+            print(f"error: {run}: {e}", file=sys.stderr)
+            return 2
+        line = json.dumps(out)
+        print(line, flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Screen a change of the shared defaults on the development tables' validation splits (never on test).
+
+    python launch/screen.py --tables magic_gamma,letter,satimage,shuttle,spambase --seeds 3 --updates 2000 \
+        --name vat1 model.vat_weight=1
+
+How defaults are chosen without test figures in view: each candidate (a set of overrides of the shared
+tabular defaults) trains on the given tables' seeds exactly as the realistic protocol would (fixed settings,
+`--updates` updates, the weights at the end), and is scored by the validation accuracy of those final
+weights: the one validation pass is at the last update (train.eval_every = train.steps), so no checkpoint is
+chosen on it. The test split is evaluated by train.py as always but never printed or kept here. Each
+candidate's per-table and mean validation accuracy are appended to <work>/screen.jsonl; runs go to
+<work>/<table>/seed<s>/<name> and are kept (an unchanged candidate is not trained again). Shards are those of
+launch/reproduce.py (runs/reproduce/<table>/seed<s>/shards), built if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+
+import reproduce as R  # launch/reproduce.py
+from shards import make
+from ssl_ebm import config as C
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--tables", default="magic_gamma,letter,satimage,shuttle,spambase")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--updates", type=int, default=2000)
+    p.add_argument("--name", required=True, help="the candidate's name (its runs' folder)")
+    p.add_argument("--method", default="ebm", choices=("ebm", "supervised"))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--work", default="runs/screen")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    work = REPO / a.work
+    jobs = []
+    for table in a.tables.split(","):
+        config = str(REPO / "configs" / f"{table}.yaml")
+        raw = C.raw_tree(config, a.overrides)
+        for s in range(a.seeds):
+            url = make.ensure(C.from_dict(C.Config, C._merge(raw, {"data": {
+                "shards": str(REPO / "runs" / "reproduce" / table / f"seed{s}" / "shards"), "split_seed": s}})).data)
+            ov = [*a.overrides, f"train.steps={a.updates}", f"train.eval_every={a.updates}", "train.select=val",
+                  "health.patience=0", f"data.shards={url}", f"data.split_seed={s}", f"train.seed={s}",
+                  f"train.method={a.method}"]
+            jobs.append((table, s, config, ov, work / table / f"seed{s}" / a.name))
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        done = list(pool.map(lambda j: R.train_run(j[2], j[3], j[4], reuse=True), jobs))
+    per_table: dict[str, list[float]] = {}
+    for (table, s, *_), res in zip(jobs, done):
+        assert res["best_step"] == a.updates, "the validation pass must be the last update's"
+        per_table.setdefault(table, []).append(100 * res["val_accuracy"])
+    row = {"name": a.name, "method": a.method, "updates": a.updates, "seeds": a.seeds, "overrides": a.overrides,
+           "val": {t: round(statistics.fmean(v), 2) for t, v in per_table.items()},
+           "val_per_seed": {t: [round(x, 2) for x in v] for t, v in per_table.items()},
+           "mean": round(statistics.fmean(statistics.fmean(v) for v in per_table.values()), 2)}
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "screen.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("name", "val", "mean")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
