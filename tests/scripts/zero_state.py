@@ -31,12 +31,15 @@ def write_down(state: TrainingState, event: str, step: int) -> None:
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
     named = list(state.net.named_parameters())
+    with train.runtime.full_params(state.acc, state.net):  # (ZeRO-3: gathered)
+        weights = {n: p.detach().cpu().clone() for n, p in named}
     whole = {
-        "weights": {n: p.detach().cpu().clone() for n, p in named},
+        "weights": weights,
         "fp32": {n: safe_get_full_fp32_param(p).cpu() for n, p in named},
         "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").cpu() for n, p in named},
         "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").cpu() for n, p in named},
-        "adam_step": [float(zero.optimizer.state[g["params"][0]]["step"]) for g in zero.optimizer.param_groups],
+        "adam_step": [float(zero.optimizer.state[g["params"][0]]["step"]) for g in zero.optimizer.param_groups
+                      if g["params"]],  # (ZeRO-3 keeps groups without parameters on a rank)
         "lr": [g["lr"] for g in state.optimizer.param_groups],
     }
     torch.save(state.bank.z.cpu(), out / f"{event}-{step}-chains-{state.acc.process_index}.pt")
