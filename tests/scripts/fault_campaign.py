@@ -417,7 +417,8 @@ def run_campaign(trials: list[Trial], root: Path, shards: str, log=print) -> lis
             rows.append(campaign.trial(t))
             log(line(rows[-1]))
             if not rows[-1]["ok"]:
-                log("\n--- killed run ---\n" + rows[-1]["output"][0] + "\n--- resumed run ---\n" + rows[-1]["output"][1])
+                killed, resumed = rows[-1]["output"]
+                log(f"\n--- killed run ---\n{killed}\n--- resumed run ---\n{resumed}")
         return rows
     finally:
         if server is not None:
