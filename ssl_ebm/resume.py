@@ -4,7 +4,7 @@ another process count.
     start_or_resume(state, store, resume)   a fresh run (new run id) or a resumed one; refuses foreign
                                             checkpoints, drops the dead timeline, says what changed
     check_model_config(store, name, cfg)    a checkpoint of another model config: one clear error
-    load_pooled_rank_state(state, ...)      elastic DDP resume: every old rank's chains, pooled and split
+    load_pooled_rank_state(state, ...)      elastic resume: every old rank's chains, pooled and split
     best_checkpoint(state, store)           the best-* the teardown tests: this run's, of the live timeline
     prune_best(store)                       keep the newest best-* and the one the newest step-* refers to
 
@@ -16,8 +16,9 @@ Timelines. Resuming from step-S abandons whatever the dead run wrote after S (a 
 S and the next step checkpoint): best-N and step-N with N > S, complete or not, are removed before
 training continues, so neither the teardown nor a later resume can pick them.
 
-Elastic resume (DDP only; docs/HEALTH.md, "Resuming on another process count"). A checkpoint saved by N
-processes resumes on M: the weights and optimizer are whole in model.pt / optimizer.pt; the N rank files'
+Elastic resume (docs/HEALTH.md, "Resuming on another process count"). A checkpoint saved by N processes
+resumes on M: the weights and optimizer are whole in model.pt / optimizer.pt (under ZeRO, the engine's
+shards go through DeepSpeed's universal checkpoint: runtime.load_engine); the N rank files'
 chain banks are pooled and split; the RNGs are reseeded; the data stream continues at the same point of
 its epoch: the N ranks had each read `batches_read` micro-batches (kept in meta.json), so each of the M
 continues at batch batches_read * N // M of the M-process stream: the same epoch and the same point in it

@@ -253,11 +253,45 @@ def save_engine(engine, local_dir: str, tag: str) -> None:
     engine.save_checkpoint(local_dir, tag=tag, save_latest=False)
 
 
-def load_engine(engine, local_dir: str, tag: str) -> bool:
-    """Load what `save_engine` wrote (every rank's files under `local_dir`); False if DeepSpeed could not."""
-    path, _ = engine.load_checkpoint(local_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                     load_lr_scheduler_states=False)
+def load_engine(engine, local_dir: str, tag: str, universal: bool = False) -> bool:
+    """Load what `save_engine` wrote (every rank's files under `local_dir`); False if DeepSpeed could not.
+
+    `universal`: the files were written by another process count. ZeRO shards the optimizer state (and
+    under ZeRO-3 the weights) by rank, and the engine loads shards only on the count that wrote them; so
+    DeepSpeed's own converter (deepspeed.checkpoint.ds_to_universal) first rewrites them under
+    `local_dir`/universal as one folder per parameter, its fp32 weights and optimizer moments whole, and the
+    engine loads that as its `checkpoint.load_universal` setting would, each rank taking its new shard.
+    The setting is switched on for this load only: the same engine later loads its own checkpoints as usual.
+    """
+    if universal:
+        local_dir = _convert_to_universal(local_dir, tag)
+    config = engine._config  # what `checkpoint.load_universal` in the DeepSpeed JSON sets
+    config.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(local_dir, tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = False
     return path is not None
+
+
+def _convert_to_universal(local_dir: str, tag: str) -> str:
+    """ds_to_universal of `local_dir`/`tag` into `local_dir`/universal/`tag`, in this process and quietly (it
+    prints its progress); returns `local_dir`/universal. Every rank converts its own copy: no rank needs a file
+    system shared with another. Our engine files carry no universal-checkpoint info (that is for tensor- and
+    pipeline-parallel models, which this one is not), so it is injected, as the converter's flag allows."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = os.path.join(local_dir, "universal")
+    args = argparse.Namespace(input_folder=os.path.join(local_dir, tag), output_folder=os.path.join(out, tag),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
+    return out
 
 
 def seed_everything(seed: int) -> None:

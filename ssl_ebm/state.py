@@ -58,7 +58,7 @@ def lr_factor(optim: C.OptimConfig, steps: int):
 
 
 def new_counters() -> dict:
-    return {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0, "recoveries": 0}
+    return {"step": 0, "best_val": -1.0, "best_step": -1, "nan_skips": 0, "recoveries": 0, "data_offset": 0}
 
 
 @dataclass
@@ -155,11 +155,11 @@ class TrainingState:
         meta = store.read_json(name, "meta.json")
         check_model_config(store, name, self.cfg)
         saved, here = (meta.get("zero_stage", 0), meta["world_size"]), (runtime.zero_stage(acc), acc.num_processes)
-        if (saved[0] or here[0]) and saved != here:
-            raise CheckpointError(_zero_refusal(store.url_of(name), saved, here))
+        if saved[0] != here[0]:
+            raise CheckpointError(_zero_refusal(store.url_of(name), saved[0], here[0]))
         opt = store.read_torch(name, "optimizer.pt")
         if here[0]:
-            self._load_engine(store, name)
+            self._load_engine(store, name, universal=saved[1] != here[1])
             self.scheduler.load_state_dict(opt["scheduler"])
             for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr  # the schedule's rate for the next step, whatever the engine restored
@@ -173,6 +173,8 @@ class TrainingState:
             else:
                 self.ema.reset(self.net)
         self._load_rank_state(store, name, meta["world_size"], meta["step"])
+        if here[0] and saved[1] != here[1]:
+            self.elastic += f", ZeRO-{here[0]} weights and optimizer state through DeepSpeed's universal checkpoint"
         return meta
 
     def averaged(self):
@@ -217,15 +219,25 @@ class TrainingState:
                 return None
             return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
-    def _load_engine(self, store: CheckpointStore, name: str) -> None:
-        """Every rank fetches all engine files (DeepSpeed reads other ranks' shards too) and loads them."""
+    def _load_engine(self, store: CheckpointStore, name: str, universal: bool = False) -> None:
+        """Every rank fetches all engine files (DeepSpeed reads other ranks' shards too) and loads them; saved by
+        another process count (`universal`), through DeepSpeed's universal checkpoint (runtime.load_engine)."""
+        url = f"{store.url_of(name)}/{ENGINE_DIR}/"
         with tempfile.TemporaryDirectory(prefix="ssl_ebm_zero_") as tmp:
             if store.download_tree(name, ENGINE_DIR, tmp) == 0:
-                raise CheckpointError(f"{store.url_of(name)}/{ENGINE_DIR}/ is missing or empty; the checkpoint "
-                                      "is damaged: delete it or resume from another")
-            if not runtime.load_engine(self.model, tmp, ENGINE_TAG):
-                raise CheckpointError(f"DeepSpeed could not load {store.url_of(name)}/{ENGINE_DIR}/; the "
-                                      "checkpoint is damaged: delete it or resume from another")
+                raise CheckpointError(f"{url} is missing or empty; the checkpoint is damaged: delete it or resume "
+                                      "from another")
+            try:
+                loaded = runtime.load_engine(self.model, tmp, ENGINE_TAG, universal=universal)
+            except Exception as e:  # noqa: BLE001 - DeepSpeed's converter fails with asserts and KeyErrors
+                if not universal:
+                    raise
+                raise CheckpointError(f"DeepSpeed could not convert {url} to its universal checkpoint for another "
+                                      f"process count ({type(e).__name__}: {e}); resume with the process count it "
+                                      "was saved by, or resume from another checkpoint") from None
+            if not loaded:
+                raise CheckpointError(f"DeepSpeed could not load {url}; the checkpoint is damaged: delete it or "
+                                      "resume from another")
 
     # ------------------------------------------------------------------ the learning-rate schedule
     def prior_groups(self) -> list[int]:
@@ -263,17 +275,12 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
 
 
-def _zero_refusal(url: str, saved: tuple[int, int], here: tuple[int, int]) -> str:
-    """Why a ZeRO checkpoint cannot resume here, and what to do (convert, when only the count differs)."""
-    msg = (f"{url} was saved by {saved[1]} process(es) with {_describe(saved[0])}; this run has {here[1]} with "
-           f"{_describe(here[0])}. DeepSpeed's sharded optimizer state resumes only as it was saved: launch with "
-           "the same accelerate config and process count")
-    if saved[0] == here[0]:
-        msg += (f"; or convert it to DeepSpeed's universal format (python -m deepspeed.checkpoint.ds_to_universal "
-                f"--input_folder <a local copy of {url}/{ENGINE_DIR}>/{ENGINE_TAG} --output_folder DIR), which "
-                "DeepSpeed loads on any process count with its checkpoint.load_universal setting, but this "
-                "training script does not read universal checkpoints")
-    return msg + "; or start a new run with train.resume=never (and train.checkpoint_dir elsewhere)"
+def _zero_refusal(url: str, saved: int, here: int) -> str:
+    """Why a checkpoint of another ZeRO stage (0: DDP) cannot resume here, and what to do. Another process count
+    under the same stage resumes (through DeepSpeed's universal checkpoint)."""
+    return (f"{url} was saved with {_describe(saved)}; this run has {_describe(here)}. The optimizer state "
+            "resumes only under the ZeRO stage it was saved with: launch with the same accelerate config (the process "
+            "count may differ); or start a new run with train.resume=never (and train.checkpoint_dir elsewhere)")
 
 
 def _describe(stage: int) -> str:

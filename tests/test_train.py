@@ -410,23 +410,3 @@ def test_a_skipped_update_still_steps_the_schedule(digits_shards, tmp_path):
     assert [r["lr_prior"] for r in train_log] == [cfg.optim.lr_prior * factor(s) for s in range(1, 9)]
     assert train_log[-1]["lr_prior"] == 0.0  # the cosine still ends on the last update
 
-
-@pytest.mark.slow
-def test_fault_campaign_seeded_subset(digits_shards, tmp_path):
-    """Two trials of the kill -9 campaign (tests/scripts/fault_campaign.py; the full one is a documented
-    command, docs/HEALTH.md): one with one process, one with two, each killed at a seeded random moment,
-    resumed, and bit-identical to an uninterrupted run. FAULT_CAMPAIGN_SEED replays a failing draw."""
-    sys.path.insert(0, str(REPO / "tests" / "scripts"))
-    import fault_campaign
-
-    seed = int(os.environ.get("FAULT_CAMPAIGN_SEED", random.randrange(10**6)))
-    trials = fault_campaign.plan(12, seed)
-    try:
-        import moto.server  # noqa: F401  (the local S3 server)
-        import s3fs  # noqa: F401
-    except ImportError:
-        trials = [t for t in trials if t.storage == "file"]
-    picked = [next(t for t in trials if t.nproc == n) for n in (1, 2)]
-    rows = fault_campaign.run_campaign(picked, tmp_path, digits_shards, log=lambda _: None)
-    for row in rows:
-        assert row["ok"], f"FAULT_CAMPAIGN_SEED={seed}: {fault_campaign.line(row)}\n{row['output']}"
