@@ -30,9 +30,10 @@ differences ours minus that baseline and their 95% Student-t interval; "wins" on
 above zero, "level" when it spans zero, "loses" otherwise. The same interval against the supervised-only
 twin says whether the unlabelled data helped.
 
-Runs go to <work>/<name>/seed<s>/<protocol>/<method>; a finished run whose command and config file are
-unchanged is kept, not trained again (--fresh trains everything again), so a stopped command or suite
-resumes where it stopped. Training runs go --jobs at a time (each with one thread). Results go to
+Runs go to <work>/<name>/seed<s>/<protocol>/<method>. Each finished run is logged, with its stamp (arguments,
+the data by content, the part of the resolved config its method reads), in results/<protocol>/runs/<name>.jsonl,
+which is kept with the results: a run whose stamp is unchanged is not trained again (--fresh trains everything
+again), so a stopped command or suite resumes where it stopped, in this checkout or another. Training runs go --jobs at a time (each with one thread). Results go to
 results/<protocol>/<name>.json as each row finishes, and docs/RESULTS.md is regenerated from every
 results JSON between its reproduce markers (with the suite summary: wins / levels / losses and each
 method's mean rank); everything else in it is kept.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -49,6 +51,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -114,8 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--doc", default="docs/RESULTS.md", help="the table to regenerate")
     p.add_argument("--ls-max-unlabelled", type=int, default=4000,
                    help="unlabelled rows label spreading and self-training see (a random subsample)")
-    p.add_argument("--fresh", action="store_true", help="train every run again (default: keep finished runs "
-                   "whose command and config file are unchanged)")
+    p.add_argument("--fresh", action="store_true", help="train every run again (default: keep the finished runs "
+                   "of results/<protocol>/runs/<name>.jsonl whose arguments, data and config are unchanged)")
     p.add_argument("--note", default="", help="a note for the table row")
     p.add_argument("overrides", nargs="*", help="dotted overrides for ours and every network baseline")
     return p.parse_args(argv)
@@ -155,14 +158,51 @@ def run_config(config: str, overrides: list[str], method: str = "ours") -> dict:
     return resolved
 
 
-def _subprocess_run(cmd: list[str], stamp: dict, out: Path, result_file: str, log_name: str, reuse: bool,
-                    what: str) -> dict:
-    """Run one training command into `out` (its own folder), or keep its finished result when `reuse` and
-    its command.json records the same stamp (arguments and resolved config); the JSON result, with
-    "reused": true when kept."""
-    done = (out / result_file).exists() and (out / "command.json").exists()
-    if reuse and done and json.loads((out / "command.json").read_text()) == json.loads(json.dumps(stamp)):
-        return {**json.loads((out / result_file).read_text()), "reused": True}
+def shards_identity(url: str) -> str:
+    """What makes two shard directories hold the same examples, whatever their path or build time: the dataset,
+    its split (rows of each part), the scaling and the build options, hashed."""
+    m = data.read_manifest(url)
+    keep = {k: m.get(k) for k in ("dataset", "seed", "protocol", "build_options", "normalisation", "split_indices",
+                                  "columns", "x_shape", "num_classes")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def portable(stamp: dict, url: str) -> dict:
+    """A run's stamp with its shard directory named by content (shards_identity) and paths inside this checkout
+    made relative, so the same run is recognised from another checkout or session."""
+    text = json.dumps(stamp, sort_keys=True).replace(url.rstrip("/"), f"shards:{shards_identity(url)}")
+    return json.loads(text.replace(str(REPO) + "/", ""))
+
+
+class RunLog:
+    """The finished runs of one row, a JSON line each (seed, method, stamp, result): results/<protocol>/runs/
+    <name>.jsonl, kept with the results. A later command, in this checkout or another session's, keeps a run
+    whose stamp is unchanged instead of training it again, so a suite spans sessions."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock, self.runs = path, threading.Lock(), {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    run = json.loads(line)
+                    self.runs[(run["seed"], run["method"])] = run
+
+    def get(self, seed: int, method: str, stamp: dict) -> dict | None:
+        run = self.runs.get((seed, method))
+        same = run is not None and json.dumps(run["stamp"], sort_keys=True) == json.dumps(stamp, sort_keys=True)
+        return {**run["result"], "reused": True} if same else None
+
+    def put(self, seed: int, method: str, stamp: dict, result: dict) -> None:
+        run = {"seed": seed, "method": method, "stamp": stamp, "result": result}
+        with self.lock:
+            self.runs[(seed, method)] = run
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(run) + "\n")
+
+
+def _subprocess_run(cmd: list[str], out: Path, result_file: str, log_name: str, what: str) -> dict:
+    """Run one training command into `out` (its own folder); its JSON result."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing of an earlier one to resume or restore
     out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -172,42 +212,51 @@ def _subprocess_run(cmd: list[str], stamp: dict, out: Path, result_file: str, lo
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{what} failed (exit {proc.returncode}), see {log}: {tail[0]}")
-    (out / "command.json").write_text(json.dumps(stamp, indent=1) + "\n")
     return json.loads((out / result_file).read_text())
 
 
-def train_run(config: str, overrides: list[str], out: Path, reuse: bool, method: str = "ours") -> dict:
+def _kept_or_run(log: RunLog | None, seed: int, method: str, stamp: dict, run) -> dict:
+    """The run's result from the run log when its stamp is unchanged, else run() (then logged)."""
+    if log is not None and (kept := log.get(seed, method, stamp)) is not None:
+        return kept
+    result = run()
+    if log is not None:
+        log.put(seed, method, stamp, result)
+    return result
+
+
+def train_run(config: str, overrides: list[str], out: Path, method: str = "ours", url: str = "",
+              seed: int = 0, log: RunLog | None = None) -> dict:
     """launch/train.py (ours or supervised-only) in a subprocess; its metrics.json."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
            f"train.out_dir={out}", "train.resume=never", "train.progress=false"]
     stamp = {"method": method, "overrides": overrides, "config": run_config(config, overrides, method)}
-    return _subprocess_run(cmd, stamp, out, "metrics.json", "train.log", reuse, "training")
+    stamp = portable(stamp, url) if url else stamp
+    return _kept_or_run(log, seed, method, stamp,
+                        lambda: _subprocess_run(cmd, out, "metrics.json", "train.log", "training"))
 
 
 def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, protocol: str, out: Path,
-               reuse: bool) -> dict:
+               log: RunLog | None = None) -> dict:
     """launch/baselines.py --method vat|pi in a subprocess (one thread); its result JSON."""
     cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
            "--method", method, "--seed", str(seed), "--protocol", protocol, "--out", str(out / "result.json"),
            *overrides]
-    stamp = {"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
-             "config": run_config(config, overrides, method)}
-    return _subprocess_run(cmd, stamp, out, "result.json", "baseline.log", reuse, f"{method} baseline")
+    stamp = portable({"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
+                      "config": run_config(config, overrides, method)}, url)
+    return _kept_or_run(log, seed, method, stamp,
+                        lambda: _subprocess_run(cmd, out, "result.json", "baseline.log", f"{method} baseline"))
 
 
-def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabelled: int, record: Path,
-                reuse: bool) -> dict:
-    """The scikit-learn baselines of one seed (launch/baselines.py), kept in `record` for the next time."""
+def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabelled: int,
+                log: RunLog | None = None) -> dict:
+    """The scikit-learn baselines of one seed (launch/baselines.py)."""
     stamp = {"names": names, "seed": seed, "protocol": protocol, "max_unlabelled": max_unlabelled,
-             "manifest": data.read_manifest(url)}
-    if reuse and record.exists():
-        kept = json.loads(record.read_text())
-        if kept.get("stamp") == stamp:
-            return {name: {**r, "reused": True} for name, r in kept["results"].items()}
-    results = BL.sklearn_baselines(url, names, seed, max_unlabelled, protocol)
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"stamp": stamp, "results": results}, indent=1) + "\n")
-    return results
+             "shards": shards_identity(url)}
+    results = _kept_or_run(log, seed, "sklearn", stamp,
+                           lambda: BL.sklearn_baselines(url, names, seed, max_unlabelled, protocol))
+    reused = results.pop("reused", False)
+    return {name: {**r, "reused": True} if reused else r for name, r in results.items()}
 
 
 def network_record(res: dict, protocol: str, updates: int) -> dict:
@@ -266,7 +315,7 @@ def compare(result: dict, methods: list[str]) -> None:
 
 def reproduce(args, config: str) -> dict:
     t0 = time.time()
-    protocol, reuse = args.protocol, not args.fresh
+    protocol = args.protocol
     raw = C.raw_tree(config, args.overrides)
     cfg = C.from_dict(C.Config, raw)
     chosen = parse_baselines(args.baselines)
@@ -283,22 +332,25 @@ def reproduce(args, config: str) -> dict:
     def run_dir(s: int, method: str) -> Path:
         return work / f"seed{s}" / protocol / method
 
+    results_dir = Path(args.results) if os.path.isabs(args.results) else REPO / args.results
+    log = None if args.fresh else RunLog(results_dir / PROTOCOL_DIRS[protocol] / "runs" / f"{name}.jsonl")
+
     def train_job(s: int, method: str):
         ov = [*args.overrides, *P.train_overrides(protocol, updates), f"data.shards={urls[s]}", f"data.split_seed={s}",
               f"train.seed={s}", *(["train.method=supervised"] if method == "supervised" else [])]
-        return lambda: network_record(train_run(config, ov, run_dir(s, method), reuse, method), protocol, updates)
+        return lambda: network_record(train_run(config, ov, run_dir(s, method), method, urls[s], s, log), protocol,
+                                      updates)
 
     def neural_job(s: int, method: str):
         ov = [*args.overrides, f"train.steps={updates}", f"train.seed={s}"]
-        return lambda: neural_run(method, config, ov, urls[s], s, protocol, run_dir(s, method), reuse)
+        return lambda: neural_run(method, config, ov, urls[s], s, protocol, run_dir(s, method), log)
 
     jobs = [(s, m, train_job(s, m)) for s in seeds for m in ("ours", "supervised") if m == "ours" or m in chosen]
     jobs += [(s, m, neural_job(s, m)) for s in seeds for m in BL.NEURAL if m in chosen]
     sklearn = [m for m in BL.SKLEARN if m in chosen]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {(s, m): pool.submit(fn) for s, m, fn in jobs}
-        fitted = {s: sklearn_run(urls[s], sklearn, s, protocol, args.ls_max_unlabelled,
-                                 work / f"seed{s}" / protocol / "sklearn.json", reuse) if sklearn else {}
+        fitted = {s: sklearn_run(urls[s], sklearn, s, protocol, args.ls_max_unlabelled, log) if sklearn else {}
                   for s in seeds}  # meanwhile, here
         trained = {k: f.result() for k, f in futures.items()}
     runs = [{"seed": s, "shards": urls[s], **{m: trained[(s, m)] for m in ("ours", *BASELINES) if (s, m) in trained},
@@ -315,7 +367,6 @@ def reproduce(args, config: str) -> dict:
         "resolved_config": C.to_dict(cfg),
     }
     compare(result, methods)
-    results_dir = Path(args.results) if os.path.isabs(args.results) else REPO / args.results
     out = results_dir / PROTOCOL_DIRS[protocol] / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,7 +9,8 @@ tabular defaults) trains on the given tables' seeds exactly as the realistic pro
 weights: the one validation pass is at the last update (train.eval_every = train.steps), so no checkpoint is
 chosen on it. The test split is evaluated by train.py as always but never printed or kept here. Each
 candidate's per-table and mean validation accuracy are appended to <work>/screen.jsonl; runs go to
-<work>/<table>/seed<s>/<name> and are kept (an unchanged candidate is not trained again). Shards are those of
+<work>/<table>/seed<s>/<name>, logged in <work>/<table>/<name>.jsonl (an unchanged candidate is not trained
+again). Shards are those of
 launch/reproduce.py (runs/reproduce/<table>/seed<s>/shards), built if missing.
 """
 
@@ -54,9 +55,10 @@ def main(argv=None) -> int:
             ov = [*a.overrides, f"train.steps={a.updates}", f"train.eval_every={a.updates}", "train.select=val",
                   "health.patience=0", f"data.shards={url}", f"data.split_seed={s}", f"train.seed={s}",
                   f"train.method={a.method}"]
-            jobs.append((table, s, config, ov, work / table / f"seed{s}" / a.name))
+            jobs.append((table, s, config, ov, work / table / f"seed{s}" / a.name, url))
+    logs = {table: R.RunLog(work / table / f"{a.name}.jsonl") for table in a.tables.split(",")}
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = list(pool.map(lambda j: R.train_run(j[2], j[3], j[4], reuse=True), jobs))
+        done = list(pool.map(lambda j: R.train_run(j[2], j[3], j[4], "ours", j[5], j[1], logs[j[0]]), jobs))
     per_table: dict[str, list[float]] = {}
     for (table, s, *_), res in zip(jobs, done):
         assert res["best_step"] == a.updates, "the validation pass must be the last update's"

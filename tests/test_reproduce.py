@@ -116,7 +116,7 @@ def test_variant_names_the_feature_scaling():
     from ssl_ebm import config as C
 
     spambase = C.load_config(str(REPO / "configs" / "spambase.yaml"), ["data.features=quantile"])
-    assert reproduce.variant(spambase).endswith(", quantile features, 4,000 updates")
+    assert reproduce.variant(spambase).endswith(", quantile features, 2,000 updates")
     assert "features" not in reproduce.variant(C.load_config(str(REPO / "configs" / "magic_gamma.yaml")))
 
 
