@@ -201,8 +201,12 @@ class RunLog:
                 f.write(json.dumps(run) + "\n")
 
 
-def _subprocess_run(cmd: list[str], out: Path, result_file: str, log_name: str, what: str) -> dict:
-    """Run one training command into `out` (its own folder); its JSON result."""
+def _subprocess_run(cmd: list[str], out: Path, result_file: str, log_name: str, what: str, stamp: dict) -> dict:
+    """Run one training command into `out` (its own folder); its JSON result. A finished run already there
+    whose command.json records the same stamp is kept."""
+    done = out / "command.json"
+    if done.exists() and (out / result_file).exists() and json.loads(done.read_text()) == json.loads(json.dumps(stamp)):
+        return json.loads((out / result_file).read_text())
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing of an earlier one to resume or restore
     out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -212,6 +216,7 @@ def _subprocess_run(cmd: list[str], out: Path, result_file: str, log_name: str, 
     if proc.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"{what} failed (exit {proc.returncode}), see {log}: {tail[0]}")
+    done.write_text(json.dumps(stamp, indent=1) + "\n")
     return json.loads((out / result_file).read_text())
 
 
@@ -230,10 +235,9 @@ def train_run(config: str, overrides: list[str], out: Path, method: str = "ours"
     """launch/train.py (ours or supervised-only) in a subprocess; its metrics.json."""
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", config, *overrides,
            f"train.out_dir={out}", "train.resume=never", "train.progress=false"]
-    stamp = {"method": method, "overrides": overrides, "config": run_config(config, overrides, method)}
-    stamp = portable(stamp, url) if url else stamp
-    return _kept_or_run(log, seed, method, stamp,
-                        lambda: _subprocess_run(cmd, out, "metrics.json", "train.log", "training"))
+    local = {"method": method, "overrides": overrides, "config": run_config(config, overrides, method)}
+    return _kept_or_run(log, seed, method, portable(local, url) if url else local,
+                        lambda: _subprocess_run(cmd, out, "metrics.json", "train.log", "training", local))
 
 
 def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, protocol: str, out: Path,
@@ -242,19 +246,28 @@ def neural_run(method: str, config: str, overrides: list[str], url: str, seed: i
     cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
            "--method", method, "--seed", str(seed), "--protocol", protocol, "--out", str(out / "result.json"),
            *overrides]
-    stamp = portable({"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
-                      "config": run_config(config, overrides, method)}, url)
-    return _kept_or_run(log, seed, method, stamp,
-                        lambda: _subprocess_run(cmd, out, "result.json", "baseline.log", f"{method} baseline"))
+    local = {"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
+             "config": run_config(config, overrides, method)}
+    return _kept_or_run(log, seed, method, portable(local, url),
+                        lambda: _subprocess_run(cmd, out, "result.json", "baseline.log", f"{method} baseline", local))
 
 
-def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabelled: int,
+def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabelled: int, record: Path,
                 log: RunLog | None = None) -> dict:
-    """The scikit-learn baselines of one seed (launch/baselines.py)."""
-    stamp = {"names": names, "seed": seed, "protocol": protocol, "max_unlabelled": max_unlabelled,
-             "shards": shards_identity(url)}
-    results = _kept_or_run(log, seed, "sklearn", stamp,
-                           lambda: BL.sklearn_baselines(url, names, seed, max_unlabelled, protocol))
+    """The scikit-learn baselines of one seed (launch/baselines.py), also kept in `record` beside the runs."""
+    local = {"names": names, "seed": seed, "protocol": protocol, "max_unlabelled": max_unlabelled,
+             "manifest": data.read_manifest(url)}
+
+    def run() -> dict:
+        if record.exists() and (kept := json.loads(record.read_text())).get("stamp") == local:
+            return kept["results"]
+        results = BL.sklearn_baselines(url, names, seed, max_unlabelled, protocol)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"stamp": local, "results": results}, indent=1) + "\n")
+        return results
+
+    stamp = {**{k: v for k, v in local.items() if k != "manifest"}, "shards": shards_identity(url)}
+    results = _kept_or_run(log, seed, "sklearn", stamp, run)
     reused = results.pop("reused", False)
     return {name: {**r, "reused": True} if reused else r for name, r in results.items()}
 
@@ -350,8 +363,8 @@ def reproduce(args, config: str) -> dict:
     sklearn = [m for m in BL.SKLEARN if m in chosen]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {(s, m): pool.submit(fn) for s, m, fn in jobs}
-        fitted = {s: sklearn_run(urls[s], sklearn, s, protocol, args.ls_max_unlabelled, log) if sklearn else {}
-                  for s in seeds}  # meanwhile, here
+        fitted = {s: sklearn_run(urls[s], sklearn, s, protocol, args.ls_max_unlabelled,
+                                 run_dir(s, "sklearn.json"), log) if sklearn else {} for s in seeds}  # meanwhile
         trained = {k: f.result() for k, f in futures.items()}
     runs = [{"seed": s, "shards": urls[s], **{m: trained[(s, m)] for m in ("ours", *BASELINES) if (s, m) in trained},
              **fitted[s]} for s in seeds]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,7 +62,12 @@ def test_realistic_protocol_is_the_default_and_never_reads_the_validation_split(
     text = doc.read_text()
     assert "## Training health (MAGIC, 5 seeds)\n\nkept as it is" in text and "### Realistic protocol" in text
     assert f"| digits | 100 | 2 | 8 | {result['ours']['mean']:.1f}" in text
-    # again: every finished run is kept (a stopped suite resumes), the block replaced
+    # again, with the run folders gone (another checkout or session): every finished run is kept from the run
+    # log written beside the results, the block replaced
+    runs_log = tmp_path / "results" / "realistic" / "runs" / "digits.jsonl"
+    assert len(runs_log.read_text().splitlines()) == 2 * 5  # per seed: ours, supervised, vat, pi, scikit-learn
+    for s in (0, 1):
+        shutil.rmtree(work / "digits" / f"seed{s}" / "realistic")
     again = _reproduce(args)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((tmp_path / "results" / "realistic" / "digits.json").read_text())["runs"]
