@@ -31,12 +31,13 @@ above zero, "level" when it spans zero, "loses" otherwise. The same interval aga
 twin says whether the unlabelled data helped.
 
 Runs go to <work>/<name>/seed<s>/<protocol>/<method>. Each finished run is logged, with its stamp (arguments,
-the data by content, the part of the resolved config its method reads), in results/<protocol>/runs/<name>.jsonl,
-which is kept with the results: a run whose stamp is unchanged is not trained again (--fresh trains everything
-again), so a stopped command or suite resumes where it stopped, in this checkout or another. Training runs go --jobs at a time (each with one thread). Results go to
-results/<protocol>/<name>.json as each row finishes, and docs/RESULTS.md is regenerated from every
-results JSON between its reproduce markers (with the suite summary: wins / levels / losses and each
-method's mean rank); everything else in it is kept.
+the data by content, the part of the resolved config its method reads), in
+results/<protocol>/runs/<name>.jsonl, which is kept with the results: a run whose stamp is unchanged is not
+trained again (--fresh trains everything again), so a stopped command or suite resumes where it stopped, in
+this checkout or another. Training runs go --jobs at a time (each with one thread). Results go to
+results/<protocol>/<name>.json as each row finishes, and docs/RESULTS.md is regenerated from every results
+JSON between its reproduce markers (with the suite summary: wins / levels / losses and each method's mean
+rank); everything else in it is kept.
 """
 
 from __future__ import annotations
@@ -167,6 +168,11 @@ def shards_identity(url: str) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def in_repo(path: str) -> str:
+    """A path inside this checkout as relative to it (what a results file records), others as they are."""
+    return os.path.relpath(path, REPO) if Path(path).is_absolute() and Path(path).is_relative_to(REPO) else path
+
+
 def portable(stamp: dict, url: str) -> dict:
     """A run's stamp with its shard directory named by content (shards_identity) and paths inside this checkout
     made relative, so the same run is recognised from another checkout or session."""
@@ -206,7 +212,7 @@ def _subprocess_run(cmd: list[str], out: Path, result_file: str, log_name: str, 
     whose command.json records the same stamp is kept."""
     done = out / "command.json"
     if done.exists() and (out / result_file).exists() and json.loads(done.read_text()) == json.loads(json.dumps(stamp)):
-        return json.loads((out / result_file).read_text())
+        return {**json.loads((out / result_file).read_text()), "reused": True}
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing of an earlier one to resume or restore
     out.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -226,7 +232,7 @@ def _kept_or_run(log: RunLog | None, seed: int, method: str, stamp: dict, run) -
         return kept
     result = run()
     if log is not None:
-        log.put(seed, method, stamp, result)
+        log.put(seed, method, stamp, {k: v for k, v in result.items() if k != "reused"})
     return result
 
 
@@ -260,7 +266,7 @@ def sklearn_run(url: str, names: list[str], seed: int, protocol: str, max_unlabe
 
     def run() -> dict:
         if record.exists() and (kept := json.loads(record.read_text())).get("stamp") == local:
-            return kept["results"]
+            return {name: {**r, "reused": True} for name, r in kept["results"].items()}
         results = BL.sklearn_baselines(url, names, seed, max_unlabelled, protocol)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"stamp": local, "results": results}, indent=1) + "\n")
@@ -366,8 +372,8 @@ def reproduce(args, config: str) -> dict:
         fitted = {s: sklearn_run(urls[s], sklearn, s, protocol, args.ls_max_unlabelled,
                                  run_dir(s, "sklearn.json"), log) if sklearn else {} for s in seeds}  # meanwhile
         trained = {k: f.result() for k, f in futures.items()}
-    runs = [{"seed": s, "shards": urls[s], **{m: trained[(s, m)] for m in ("ours", *BASELINES) if (s, m) in trained},
-             **fitted[s]} for s in seeds]
+    runs = [{"seed": s, "shards": in_repo(urls[s]),
+             **{m: trained[(s, m)] for m in ("ours", *BASELINES) if (s, m) in trained}, **fitted[s]} for s in seeds]
     methods = ["ours", *(m for m in BASELINES if all(m in r for r in runs))]
     result = {
         "name": name, "dataset": manifest["dataset"], "labels": manifest["splits"]["labelled"]["count"],
