@@ -466,11 +466,9 @@ def table_numbers(column, na_values: list[str] = ()) -> np.ndarray:
 
 def category_names(column, na_values: list[str] = ()) -> np.ndarray:
     """A categorical table column (a pandas Series) as the category names the table reader gives its values
-    (shards/sources.py): their text, an integral float without '.0' (a code column with missing values reads as
-    floats); None where missing. Object array (N,)."""
+    (shards/sources.py), by the same features.category_name; None where missing. Object array (N,)."""
     missing = _missing(column, list(na_values))
-    names = [None if m else str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
-             for v, m in zip(column.to_numpy(dtype=object), missing)]
+    names = [None if m else features.category_name(v) for v, m in zip(column.to_numpy(dtype=object), missing)]
     return np.array(names, dtype=object)
 
 
