@@ -13,12 +13,12 @@ Inputs are tensors or arrays in the units of the source data: images as pixels (
 0..255, vectors as the raw features (standardised here with the training shards' mean and std), text
 as word counts (N, V). A model trained on a table (CSV, parquet: the manifest's "columns" record) also
 takes its raw rows as a pandas DataFrame, by column name: strings, categories and missing values are
-encoded as the shard writer encoded the table (`from_table`). Outputs are CPU tensors. Every method works `model.batch_size` (1024) examples or
-chains at a time: each slice of the input is scaled, moved to the device, used and its outputs moved back
-before the next, so memory on the device does not grow with N. A checkpoint directory is a torch pickle (`model.pt`,
-loaded with weights_only=False: unpickling runs whatever code the file names), so `load` reads one only
-when told `allow_pickle=True`; an exported folder holds `model.safetensors` and JSON/YAML, and loads
-without unpickling anything.
+encoded as the shard writer encoded the table (`from_table`). Outputs are CPU tensors. Every method
+works `model.batch_size` (1024) examples or chains at a time: each slice of the input is scaled, moved
+to the device, used and its outputs moved back before the next, so memory on the device does not grow
+with N. A checkpoint directory is a torch pickle (`model.pt`, loaded with weights_only=False:
+unpickling runs whatever code the file names), so `load` reads one only when told `allow_pickle=True`;
+an exported folder holds `model.safetensors` and JSON/YAML, and loads without unpickling anything.
 
 Shapes: N examples, Z latent dim, K classes.
 """
