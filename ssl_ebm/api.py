@@ -35,7 +35,7 @@ import yaml
 from ssl_ebm import config as C
 from ssl_ebm import features
 from ssl_ebm.langevin import langevin
-from ssl_ebm.likelihood import kl_to_p0, log_likelihood
+from ssl_ebm.likelihood import kl_to_p0
 from ssl_ebm.model import LatentEBM
 
 WEIGHTS = "model.safetensors"
@@ -426,9 +426,7 @@ class Model:
             for _ in range(elbo_samples):
                 eps = torch.randn(mu.shape, generator=gen, device=self.device)
                 z = mu + torch.exp(0.5 * logvar) * eps
-                recon = log_likelihood(mc.likelihood, x_B, self.net.generator(z).float(),
-                                       self.net.observation_sigma(), mc.categorical_blocks)
-                elbo = elbo + (recon + self.net.prior.free_energy(z)) / elbo_samples
+                elbo = elbo + (self.net.log_px(x_B, z) + self.net.prior.free_energy(z)) / elbo_samples
             out["neg_elbo"].append(-elbo)
             for v in out.values():
                 v[-1] = v[-1].cpu()
