@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,8 +43,7 @@ from ssl_ebm.model import LatentEBM
 def _lr_cv(x_l, y_l, x_v, y_v, seed: int) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    s = type("S", (), {})()  # the few fields baselines._cv_accuracy reads
-    s.x_l, s.y_l, s.seed = x_l, y_l, seed
+    s = SimpleNamespace(x_l=x_l, y_l=y_l, seed=seed)  # the few fields of a Splits that baselines._cv_accuracy reads
     best = max(BL.LR_C, key=lambda c: BL._cv_accuracy(s, LogisticRegression(C=c, max_iter=2000), BL._fit_labelled))
     return float((LogisticRegression(C=best, max_iter=2000).fit(x_l, y_l).predict(x_v) == y_v).mean())
 

@@ -174,14 +174,13 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
               fmt, progress_bar(acc, cfg, start), preemption)
     if cfg.health.watchdog and start == 0:  # somewhere for the watchdog to go back to before the first checkpoint
         state.save(store, "step", 0)
-    # start_step counts micro-batches; data_offset moves when a resume changes the process count or
-    # train.grad_accum (ssl_ebm/resume.py).
-    # The batches reach the device one step ahead: copied, and images made float, while a step runs.
+    # start_step counts micro-batches (TrainingState.batches_read). The batches reach the device one step
+    # ahead: copied, and images made float, while a step runs.
     stream = data.DeviceBatches(data.train_batches(
         url, batch_unlabelled=cfg.data.batch_unlabelled if run.ebm else 0, batch_labelled=cfg.data.batch_labelled,
         seed=cfg.train.seed, rank=acc.process_index, world_size=acc.num_processes,
         num_workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer, cache_mb=cfg.data.cache_mb,
-        start_step=start * cfg.train.grad_accum + state.counters.get("data_offset", 0), uint8_images=True),
+        start_step=state.batches_read(start), uint8_images=True),
         acc.device, fmt)
     # train.select=final: the validation split is never opened (no passes, no best-*, no early stopping)
     val_split = cfg.train.select == "val" and bool(manifest["splits"].get("val", {}).get("count", 0))

@@ -84,6 +84,7 @@ from webdataset import TarWriter
 
 from shards import sources, text
 from ssl_ebm import features
+from ssl_ebm.config import TABLE_OPTIONS
 from ssl_ebm.data import read_manifest
 from ssl_ebm.shard_format import BUILD_HINT, FORMAT_VERSION, LABEL_FIELD, MANIFEST, SPLITS, DataError, locate, url_to_fs
 
@@ -112,8 +113,7 @@ OPTIONS: dict[str, Any] = {
 }
 # The options a training config sets (DataConfig fields of the same names), recorded in the manifest's
 # "build_options" so that make.ensure can refuse shards built with other ones.
-CONFIG_OPTIONS = ("balance", "features", "label_column", "feature_columns", "categorical_columns", "drop_columns",
-                  "na_values", "separator", "text_column")
+CONFIG_OPTIONS = ("balance", "features", *TABLE_OPTIONS)
 SHARD_NAME = re.compile(r"^(labelled|unlabelled|val|test)-\d{6}\.tar$")
 
 

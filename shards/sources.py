@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl_ebm.features import category_name
 from ssl_ebm.shard_format import DataError
 
 
@@ -560,13 +561,6 @@ def _feature_columns(frames: dict[str, Any], label: str, opts: dict, where: str)
     return features
 
 
-def _category(value: Any) -> str:
-    """A category's name: integral floats without '.0' (a code column with missing values reads as float)."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _split_kinds(frames: dict[str, Any], features: list[str], opts: dict, where: str) -> tuple[list, list]:
     """(numeric, categorical) feature columns. String columns are categorical, as are the columns named in
     categorical_columns; a string column whose values are all numbers is numeric. Refused: a column with no
@@ -655,7 +649,7 @@ def _from_frames(frames: dict[str, Any], opts: dict, where: str, class_names: li
         cat = np.empty((len(df), len(categorical)), dtype=object)
         for j, c in enumerate(categorical):
             column = df[c]
-            cat[:, j] = [None if m else _category(v) for v, m in zip(column.to_numpy(), column.isna().to_numpy())]
+            cat[:, j] = [None if m else category_name(v) for v, m in zip(column.to_numpy(), column.isna().to_numpy())]
         cats[part] = cat
     return Source("vector", xs, y, names, [where], feature_names=numeric, impute=True,
                   categorical=cats if categorical else None, categorical_names=categorical or None,

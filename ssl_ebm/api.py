@@ -13,12 +13,12 @@ Inputs are tensors or arrays in the units of the source data: images as pixels (
 0..255, vectors as the raw features (standardised here with the training shards' mean and std), text
 as word counts (N, V). A model trained on a table (CSV, parquet: the manifest's "columns" record) also
 takes its raw rows as a pandas DataFrame, by column name: strings, categories and missing values are
-encoded as the shard writer encoded the table (`from_table`). Outputs are CPU tensors. Every method works `model.batch_size` (1024) examples or
-chains at a time: each slice of the input is scaled, moved to the device, used and its outputs moved back
-before the next, so memory on the device does not grow with N. A checkpoint directory is a torch pickle (`model.pt`,
-loaded with weights_only=False: unpickling runs whatever code the file names), so `load` reads one only
-when told `allow_pickle=True`; an exported folder holds `model.safetensors` and JSON/YAML, and loads
-without unpickling anything.
+encoded as the shard writer encoded the table (`from_table`). Outputs are CPU tensors. Every method
+works `model.batch_size` (1024) examples or chains at a time: each slice of the input is scaled, moved
+to the device, used and its outputs moved back before the next, so memory on the device does not grow
+with N. A checkpoint directory is a torch pickle (`model.pt`, loaded with weights_only=False:
+unpickling runs whatever code the file names), so `load` reads one only when told `allow_pickle=True`;
+an exported folder holds `model.safetensors` and JSON/YAML, and loads without unpickling anything.
 
 Shapes: N examples, Z latent dim, K classes.
 """
@@ -35,7 +35,7 @@ import yaml
 from ssl_ebm import config as C
 from ssl_ebm import features
 from ssl_ebm.langevin import langevin
-from ssl_ebm.likelihood import kl_to_p0, log_likelihood
+from ssl_ebm.likelihood import kl_to_p0
 from ssl_ebm.model import LatentEBM
 
 WEIGHTS = "model.safetensors"
@@ -426,9 +426,7 @@ class Model:
             for _ in range(elbo_samples):
                 eps = torch.randn(mu.shape, generator=gen, device=self.device)
                 z = mu + torch.exp(0.5 * logvar) * eps
-                recon = log_likelihood(mc.likelihood, x_B, self.net.generator(z).float(),
-                                       self.net.observation_sigma(), mc.categorical_blocks)
-                elbo = elbo + (recon + self.net.prior.free_energy(z)) / elbo_samples
+                elbo = elbo + (self.net.log_px(x_B, z) + self.net.prior.free_energy(z)) / elbo_samples
             out["neg_elbo"].append(-elbo)
             for v in out.values():
                 v[-1] = v[-1].cpu()
@@ -466,11 +464,9 @@ def table_numbers(column, na_values: list[str] = ()) -> np.ndarray:
 
 def category_names(column, na_values: list[str] = ()) -> np.ndarray:
     """A categorical table column (a pandas Series) as the category names the table reader gives its values
-    (shards/sources.py): their text, an integral float without '.0' (a code column with missing values reads as
-    floats); None where missing. Object array (N,)."""
+    (shards/sources.py), by the same features.category_name; None where missing. Object array (N,)."""
     missing = _missing(column, list(na_values))
-    names = [None if m else str(int(v)) if isinstance(v, (float, np.floating)) and float(v).is_integer() else str(v)
-             for v, m in zip(column.to_numpy(dtype=object), missing)]
+    names = [None if m else features.category_name(v) for v, m in zip(column.to_numpy(dtype=object), missing)]
     return np.array(names, dtype=object)
 
 

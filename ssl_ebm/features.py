@@ -120,6 +120,14 @@ MISSING = "(missing)"  # the category of a missing categorical value
 UNSEEN = "(unseen)"  # the reserved last slot of every categorical block: a value the training pool lacks
 
 
+def category_name(value) -> str:
+    """A categorical value's name, as the table reader (shards/sources.py) and the API (api.category_names) both
+    give it: its text, an integral float without '.0' (a code column with missing values reads as floats)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def fit_columns(numeric_ND: np.ndarray, categorical_NC: np.ndarray | None, numeric_names: list[str],
                 categorical_names: list[str]) -> dict:
     """The column record of a table, fitted on the training pool's rows (stored as the manifest's "columns").

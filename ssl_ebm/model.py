@@ -66,6 +66,12 @@ class LatentEBM(nn.Module):
             return self.cfg.obs_sigma
         return self.obs_log_sigma.clamp_min(math.log(OBS_SIGMA_MIN)).exp()
 
+    def log_px(self, x: torch.Tensor, z_BZ: torch.Tensor) -> torch.Tensor:
+        """log p(x|z), (B,): the generator's output under model.likelihood, with the observation std
+        (observation_sigma) and a table's one-hot blocks (model.categorical_blocks)."""
+        return log_likelihood(self.cfg.likelihood, x, self.generator(z_BZ).float(), self.observation_sigma(),
+                              self.cfg.categorical_blocks)
+
     def _check_x(self, x: torch.Tensor, name: str) -> None:
         if tuple(x.shape[1:]) != self.cfg.x_shape:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (batch, {', '.join(map(str, self.cfg.x_shape))})"
@@ -125,8 +131,7 @@ class LatentEBM(nn.Module):
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
-            recon_B = log_likelihood(cfg.likelihood, x_u, self.generator(z_pos_BZ).float(),
-                                     self.observation_sigma(), cfg.categorical_blocks)
+            recon_B = self.log_px(x_u, z_pos_BZ)
             kl_B = kl_to_p0(mu[:n_u], logvar[:n_u], cfg.sigma0)
             F_pos_B = self.prior.free_energy(z_pos_BZ)
             F_neg_N = self.prior.free_energy(z_neg_NZ)

@@ -59,13 +59,12 @@ def start_or_resume(state, store: CheckpointStore, resume: str) -> None:
     dropped = drop_dead_timeline(acc, store, step)
     gone = f"; removed the abandoned timeline after step {step}: {', '.join(dropped)}" if dropped else ""
     acc.print(f"resumed from {source.url_of(name)} at step {step}{gone}")
-    offset = data_offset(batches_read(state.counters, source, name), step, state.cfg.train.grad_accum, meta_world,
-                         acc.num_processes)
-    state.counters["data_offset"] = offset
+    state.counters["data_offset"] = data_offset(batches_read(state.counters, source, name), step,
+                                                state.cfg.train.grad_accum, meta_world, acc.num_processes)
     if meta_world != acc.num_processes:
         acc.print(f"resumed {name} saved by {meta_world} process{'es' if meta_world > 1 else ''} on "
                   f"{acc.num_processes}: {state.elastic}, "
-                  f"data position batch {step * state.cfg.train.grad_accum + offset} of the {acc.num_processes}-process "
+                  f"data position batch {state.batches_read(step)} of the {acc.num_processes}-process "
                   "stream (the same epoch and point in it; other examples than the old ranks would have read), "
                   "RNG reseeded from train.seed, rank and step")
 

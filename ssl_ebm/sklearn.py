@@ -361,7 +361,7 @@ def _one_run(device: str | None, verbose: int):
         raise RuntimeError("LatentEBMClassifier.fit runs in the main thread only (the training loop installs signal "
                            "handlers); for parallel fits use processes, joblib's default backend")
     rng, threads = runtime.RngState.capture(), torch.get_num_threads()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {s: signal.getsignal(s) for s in runtime.Preemption.SIGNALS}  # the ones training installs
     env = {k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "ACCELERATE_TORCH_DEVICE")}
     runtime.forget_accelerate_state()
     if device is not None:

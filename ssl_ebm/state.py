@@ -108,6 +108,12 @@ class TrainingState:
         """The module itself, unwrapped from DDP or the DeepSpeed engine (the same object all run long)."""
         return self.acc.unwrap_model(self.model)
 
+    def batches_read(self, step: int) -> int:
+        """The micro-batches each process's data stream has yielded by update `step`: where the stream starts
+        when the run goes on from there, and a checkpoint's `batches_read`. data_offset moves when a resume
+        changes the process count or train.grad_accum (ssl_ebm/resume.py)."""
+        return step * self.cfg.train.grad_accum + self.counters.get("data_offset", 0)
+
     # ------------------------------------------------------------------ saving and loading
     def save(self, store: CheckpointStore, kind: str, step: int, **extra) -> str:
         """Write checkpoint `<kind>-<step>`: every rank its chains and RNG (and engine shards), then the main
@@ -137,9 +143,8 @@ class TrainingState:
             if self.ema is not None:
                 store.write_torch(name, "ema.pt", self.ema.state_dict())
             store.write_bytes(name, "config.yaml", C.dump_config(self.cfg).encode())
-            # batches_read: where each process's data stream stands (micro-batches), whatever grad_accum a resume uses
-            read = step * self.cfg.train.grad_accum + self.counters.get("data_offset", 0)
-            meta = {**self.counters, "step": step, "batches_read": read, **extra}
+            # where each process's data stream stands (micro-batches), whatever grad_accum a resume uses
+            meta = {**self.counters, "step": step, "batches_read": self.batches_read(step), **extra}
             store.write_json(name, "meta.json", {**meta, "world_size": acc.num_processes, "zero_stage": stage})
             store.mark_complete(name)
             if kind == "step":
