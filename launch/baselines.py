@@ -127,12 +127,12 @@ def _score(model, x, y) -> float:
     return float((model.predict(x) == y).mean())
 
 
-def _fit_labelled(model, s: Splits, x, y, held_out):
+def fit_labelled(model, s: Splits, x, y, held_out):
     """An inductive method: the labelled rows alone."""
     return model.fit(x, y)
 
 
-def _fit_with_unlabelled(model, s: Splits, x, y, held_out):
+def fit_with_unlabelled(model, s: Splits, x, y, held_out):
     """A semi-supervised method: the labelled rows, then the unlabelled pool (plus held-out labelled rows, whose
     labels it must not see) marked -1."""
     x_all = np.concatenate([x, s.x_u, held_out])
@@ -140,7 +140,7 @@ def _fit_with_unlabelled(model, s: Splits, x, y, held_out):
     return model.fit(x_all, y_all)
 
 
-def _cv_accuracy(s: Splits, model, fit) -> float:
+def cv_accuracy(s: Splits, model, fit=fit_labelled) -> float:
     """Stratified k-fold accuracy on the labelled rows (ssl_ebm.protocol.cv_folds): each fold held out once."""
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
@@ -153,7 +153,7 @@ def _cv_accuracy(s: Splits, model, fit) -> float:
     return right / len(s.y_l)
 
 
-def _choose(s: Splits, candidates: list[tuple[dict, object]], fit=_fit_labelled) -> dict:
+def _choose(s: Splits, candidates: list[tuple[dict, object]], fit=fit_labelled) -> dict:
     """Score every (settings, unfitted model) on validation (oracle-val) or by cross-validation on the labelled
     rows (realistic); fit the best on all labelled rows (first on ties) and test it."""
     from sklearn.base import clone
@@ -167,7 +167,7 @@ def _choose(s: Splits, candidates: list[tuple[dict, object]], fit=_fit_labelled)
                 fitted = fit(model, s, s.x_l, s.y_l, s.x_l[:0])
                 score = _score(fitted, s.x_v, s.y_v)
             else:
-                fitted, score = None, _cv_accuracy(s, model, fit) if len(candidates) > 1 else 0.0
+                fitted, score = None, cv_accuracy(s, model, fit) if len(candidates) > 1 else None
         tried.append({**settings, key: score})
         if best is None or score > best[0]:
             best = (score, settings, model, fitted)
@@ -222,7 +222,7 @@ def self_training(s: Splits, seed: int, bases: dict | None = None) -> dict:
     base_name = max(("lr", "rf"), key=lambda n: bases[n][key])
     base = bases[base_name]["_model"]
     out = _choose(s, [({"threshold": t}, SelfTrainingClassifier(clone(base), threshold=t, max_iter=10))
-                      for t in SELF_TRAINING_THRESHOLDS], fit=_fit_with_unlabelled)
+                      for t in SELF_TRAINING_THRESHOLDS], fit=fit_with_unlabelled)
     out["settings"] = {"base": base_name, **bases[base_name]["settings"], **out["settings"]}
     return {**out, "unlabelled_used": len(s.x_u), "unlabelled_pool": s.unlabelled_pool}
 
@@ -238,7 +238,7 @@ def label_spreading(s: Splits, seed: int) -> dict:
     d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * sub @ sub.T, 0.0)  # (n, n), without an (n, n, D) array
     median = max(float(np.median(d2[np.triu_indices(len(sub), 1)])), 1e-12)
     out = _choose(s, [({"gamma": scale / median}, LabelSpreading(kernel="rbf", gamma=scale / median, max_iter=100))
-                      for scale in LS_GAMMA_SCALES], fit=_fit_with_unlabelled)
+                      for scale in LS_GAMMA_SCALES], fit=fit_with_unlabelled)
     return {**out, "unlabelled_used": len(s.x_u), "unlabelled_pool": s.unlabelled_pool}
 
 

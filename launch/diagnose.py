@@ -43,8 +43,8 @@ from ssl_ebm.model import LatentEBM
 def _lr_cv(x_l, y_l, x_v, y_v, seed: int) -> float:
     from sklearn.linear_model import LogisticRegression
 
-    s = SimpleNamespace(x_l=x_l, y_l=y_l, seed=seed)  # the few fields of a Splits that baselines._cv_accuracy reads
-    best = max(BL.LR_C, key=lambda c: BL._cv_accuracy(s, LogisticRegression(C=c, max_iter=2000), BL._fit_labelled))
+    s = SimpleNamespace(x_l=x_l, y_l=y_l, seed=seed)  # the fields of a Splits that cv_accuracy reads
+    best = max(BL.LR_C, key=lambda c: BL.cv_accuracy(s, LogisticRegression(C=c, max_iter=2000)))
     return float((LogisticRegression(C=best, max_iter=2000).fit(x_l, y_l).predict(x_v) == y_v).mean())
 
 
