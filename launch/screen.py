@@ -12,6 +12,10 @@ candidate's per-table and mean validation accuracy are appended to <work>/screen
 <work>/<table>/seed<s>/<name>, logged in <work>/<table>/<name>.jsonl (an unchanged candidate is not trained
 again). Shards are those of
 launch/reproduce.py (runs/reproduce/<table>/seed<s>/shards), built if missing.
+
+A run that fails (the watchdog giving up on a diverging prior, say) is a failure of the candidate, not of the
+screen: it is recorded under "failed" (table, seed, the error's last line), the other runs go on, and the
+candidate's means cover the runs that finished; a candidate with a failed run is not one to adopt.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="ebm", choices=("ebm", "supervised"))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default="runs/screen")
+    p.add_argument("--shards", default="runs/reproduce", help="<shards>/<table>/seed<s>/shards (launch/reproduce.py's)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     work = REPO / a.work
@@ -51,26 +56,43 @@ def main(argv=None) -> int:
         raw = C.raw_tree(config, a.overrides)
         for s in range(a.seeds):
             url = make.ensure(C.from_dict(C.Config, C._merge(raw, {"data": {
-                "shards": str(REPO / "runs" / "reproduce" / table / f"seed{s}" / "shards"), "split_seed": s}})).data)
+                "shards": str(REPO / a.shards / table / f"seed{s}" / "shards"), "split_seed": s}})).data)
             ov = [*a.overrides, f"train.steps={a.updates}", f"train.eval_every={a.updates}", "train.select=val",
                   "health.patience=0", f"data.shards={url}", f"data.split_seed={s}", f"train.seed={s}",
                   f"train.method={a.method}"]
             jobs.append((table, s, config, ov, work / table / f"seed{s}" / a.name, url))
     logs = {table: R.RunLog(work / table / f"{a.name}.jsonl") for table in a.tables.split(",")}
+
+    def run(job) -> dict:
+        table, s, config, ov, out, url = job
+        try:
+            return R.train_run(config, ov, out, "ours", url, s, logs[table])
+        except RuntimeError as err:
+            print(f"{a.name}: {table} seed {s} failed; the screen goes on: {err}", file=sys.stderr, flush=True)
+            return {"failed": str(err)}
+
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = list(pool.map(lambda j: R.train_run(j[2], j[3], j[4], "ours", j[5], j[1], logs[j[0]]), jobs))
+        done = list(pool.map(run, jobs))
     per_table: dict[str, list[float]] = {}
+    failed = []
     for (table, s, *_), res in zip(jobs, done):
+        if "failed" in res:
+            failed.append({"table": table, "seed": s, "error": res["failed"].splitlines()[-1]})
+            continue
         assert res["best_step"] == a.updates, "the validation pass must be the last update's"
         per_table.setdefault(table, []).append(100 * res["val_accuracy"])
     row = {"name": a.name, "method": a.method, "updates": a.updates, "seeds": a.seeds, "overrides": a.overrides,
            "val": {t: round(statistics.fmean(v), 2) for t, v in per_table.items()},
            "val_per_seed": {t: [round(x, 2) for x in v] for t, v in per_table.items()},
-           "mean": round(statistics.fmean(statistics.fmean(v) for v in per_table.values()), 2)}
+           "mean": round(statistics.fmean(statistics.fmean(v) for v in per_table.values()), 2) if per_table else None,
+           "failed": failed}
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "screen.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps({k: row[k] for k in ("name", "val", "mean")}), flush=True)
+    if failed:
+        print(f"{a.name}: {len(failed)} of {len(jobs)} runs failed (see 'failed' in {work / 'screen.jsonl'}); "
+              "the means cover the others; a candidate with a failed run is not one to adopt", flush=True)
     return 0
 
 
