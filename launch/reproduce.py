@@ -180,6 +180,22 @@ def portable(stamp: dict, url: str) -> dict:
     return json.loads(text.replace(str(REPO) + "/", ""))
 
 
+def same_stamp(kept: dict, stamp: dict) -> bool:
+    """Whether a kept run's stamp is `stamp`. A config key the kept stamp lacks counts as unchanged when `stamp`
+    has it at its default: a key added to the code since (a new option, off by default) does not change what an
+    earlier run did, so it is not trained again."""
+    kept, stamp = json.loads(json.dumps(kept)), json.loads(json.dumps(stamp))
+    old, new = kept.get("config"), stamp.get("config")
+    if isinstance(old, dict) and isinstance(new, dict):
+        defaults = json.loads(json.dumps(C.to_dict(C.Config())))
+        for section, keys in new.items():
+            if isinstance(keys, dict) and isinstance(old.get(section), dict):
+                for key in [k for k in keys if k not in old[section]]:
+                    if key in defaults.get(section, {}) and keys[key] == defaults[section][key]:
+                        del keys[key]
+    return json.dumps(kept, sort_keys=True) == json.dumps(stamp, sort_keys=True)
+
+
 class RunLog:
     """The finished runs of one row, a JSON line each (seed, method, stamp, result): results/<protocol>/runs/
     <name>.jsonl, kept with the results. A later command, in this checkout or another session's, keeps a run
@@ -195,7 +211,7 @@ class RunLog:
 
     def get(self, seed: int, method: str, stamp: dict) -> dict | None:
         run = self.runs.get((seed, method))
-        same = run is not None and json.dumps(run["stamp"], sort_keys=True) == json.dumps(stamp, sort_keys=True)
+        same = run is not None and same_stamp(run["stamp"], stamp)
         return {**run["result"], "reused": True} if same else None
 
     def put(self, seed: int, method: str, stamp: dict, result: dict) -> None:
@@ -211,7 +227,7 @@ def _subprocess_run(cmd: list[str], out: Path, result_file: str, log_name: str, 
     """Run one training command into `out` (its own folder); its JSON result. A finished run already there
     whose command.json records the same stamp is kept."""
     done = out / "command.json"
-    if done.exists() and (out / result_file).exists() and json.loads(done.read_text()) == json.loads(json.dumps(stamp)):
+    if done.exists() and (out / result_file).exists() and same_stamp(json.loads(done.read_text()), stamp):
         return {**json.loads((out / result_file).read_text()), "reused": True}
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing of an earlier one to resume or restore
     out.mkdir(parents=True)

@@ -66,6 +66,9 @@ class ModelConfig:
     sigma0: float = 1.0  # p0(z) = N(0, sigma0^2 I)
     obs_sigma: float = 0.3  # std of the Gaussian likelihood x = g(z) + N(0, obs_sigma^2)
     labelled_weight: float = 1.0  # weight of the labelled cross-entropy (Algorithm 1, step 6)
+    # Label smoothing of that cross-entropy (0 = the paper's): the few labelled examples can no longer drive
+    # the logits f(z+), and with them F = logsumexp f and its Langevin drift, without bound.
+    label_smoothing: float = 0.0
     # Learn one observation std per data dimension (with the generator, from obs_sigma, floored at
     # OBS_SIGMA_MIN) instead of the fixed obs_sigma: the balance of reconstruction against KL and F(z+) is
     # then set by the data rather than chosen per dataset. Gaussian and mixed likelihoods only.
@@ -95,6 +98,7 @@ class ModelConfig:
                "set model.learn_obs_sigma=false")
         _check(self.obs_sigma > 0, "model.obs_sigma", f"got {self.obs_sigma}; must be > 0")
         _check(self.labelled_weight >= 0, "model.labelled_weight", "must be >= 0")
+        _check(0 <= self.label_smoothing < 1, "model.label_smoothing", f"got {self.label_smoothing}; must be in [0, 1)")
         _check(self.energy_penalty >= 0, "model.energy_penalty", "must be >= 0")
         _check(self.mi_weight >= 0, "model.mi_weight", "must be >= 0 (0 turns the mutual-information term off)")
         _check(self.vat_weight >= 0, "model.vat_weight", "must be >= 0 (0 turns the VAT term off)")

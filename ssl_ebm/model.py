@@ -2,7 +2,7 @@
 
 The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity to minimise):
     unlabelled x:  mean_B[ -log p(x|z+) + KL(q(z|x) || p0) - F(z+) ] + mean_N F(z-)
-    labelled (x, y): labelled_weight * cross_entropy(f(z+), y)
+    labelled (x, y): labelled_weight * cross_entropy(f(z+), y) (label-smoothed by model.label_smoothing)
     optional:        energy_penalty * (mean F(sg(z+))^2 + mean F(z-)^2), sg = stop-gradient
     optional:        -mi_weight * I(y; z+) over the unlabelled batch (the authors' code, not the paper)
     optional:        vat_weight * KL(p(y|x) || p(y|x + r_adv)) with p(y|x) = softmax f(mu(x)), over the
@@ -155,7 +155,7 @@ class LatentEBM(nn.Module):
         if x_l is not None:
             # Step 6: log softmax(f(z+))_y for the labelled examples, into prior and encoder.
             logits_MK = self.prior(z_pos[n_u:])
-            ce = F.cross_entropy(logits_MK, y_l)
+            ce = F.cross_entropy(logits_MK, y_l, label_smoothing=cfg.label_smoothing)
             loss = loss + cfg.labelled_weight * ce
             out.update(ce=ce, acc_l=(logits_MK.argmax(-1) == y_l).float().mean())
         out = {k: v.detach() for k, v in out.items()}

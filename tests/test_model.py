@@ -54,8 +54,10 @@ def algorithm_1_grads(model, x_u, x_l, y_l, z_neg, seed):
         return torch.logsumexp(model.prior.net(z), 1)
 
     F_pos, F_neg = energy(z_u), energy(z_neg)
-    log_p_y = torch.log_softmax(model.prior.net(z_l), 1)[torch.arange(len(y_l)), y_l].mean()
-    supervised = -cfg.labelled_weight * log_p_y  # step 6
+    log_p = torch.log_softmax(model.prior.net(z_l), 1)
+    log_p_y = log_p[torch.arange(len(y_l)), y_l].mean()
+    eps = cfg.label_smoothing  # the target (1 - eps) one-hot + eps / K
+    supervised = -cfg.labelled_weight * ((1 - eps) * log_p_y + eps * log_p.mean(1).mean())  # step 6
     penalty = cfg.energy_penalty * (F_pos.pow(2).mean() + F_neg.pow(2).mean())  # a regulariser of the prior only
 
     prior_objective = -(F_pos.mean() - F_neg.mean()) + supervised + penalty  # step 4 (eq. 10) + step 6
@@ -71,9 +73,10 @@ def algorithm_1_grads(model, x_u, x_l, y_l, z_neg, seed):
 
 
 @pytest.mark.parametrize("name", ["mlp+mlp gaussian", "mlp+mlp multinomial", "wrn+deconv 3x32x32"])
-@pytest.mark.parametrize("labelled_weight, energy_penalty", [(1.0, 0.0), (2.5, 0.1)])
-def test_total_loss_gradient_is_algorithm_1(name, labelled_weight, energy_penalty):
-    model = make(name, labelled_weight=labelled_weight, energy_penalty=energy_penalty, sigma0=0.8)
+@pytest.mark.parametrize("labelled_weight, energy_penalty, label_smoothing", [(1.0, 0.0, 0.0), (2.5, 0.1, 0.2)])
+def test_total_loss_gradient_is_algorithm_1(name, labelled_weight, energy_penalty, label_smoothing):
+    model = make(name, labelled_weight=labelled_weight, energy_penalty=energy_penalty, sigma0=0.8,
+                 label_smoothing=label_smoothing)
     data = batch(model)
     # Two passes in training mode: BatchNorm uses batch statistics, so both see the same numbers.
     expected = algorithm_1_grads(model, *data, seed=11)

@@ -138,3 +138,19 @@ def test_every_tabular_config_names_only_its_data_and_label_count():
         assert set(raw) <= {"base", "data", "train"}, path.name
         assert set(raw.get("train", {})) <= {"out_dir"}, path.name
         assert "features" not in raw["data"], path.name
+
+
+def test_a_key_added_at_its_default_keeps_a_logged_run():
+    """A run logged before model.label_smoothing existed is still this config's run while the key is at its
+    default (0); at another value it is a different run."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import reproduce
+
+    config = str(REPO / "configs" / "magic_gamma.yaml")
+    now = {"method": "ours", "config": reproduce.run_config(config, [])}
+    logged = json.loads(json.dumps(now))
+    del logged["config"]["model"]["label_smoothing"]
+    assert reproduce.same_stamp(logged, now)
+    changed = {"method": "ours", "config": reproduce.run_config(config, ["model.label_smoothing=0.1"])}
+    assert not reproduce.same_stamp(logged, changed)
+    assert not reproduce.same_stamp({**logged, "method": "supervised"}, now)
