@@ -135,7 +135,8 @@ def parse_args(argv=None):
 # None is ignored whole.
 NOT_READ = {
     "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
-                      "labelled_weight", "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps"),
+                      "labelled_weight", "label_smoothing", "energy_penalty", "mi_weight", "vat_weight", "vat_xi",
+                      "vat_eps"),
             "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
             "train": ("method", "select", "ema_decay", "checkpoint_every", "keep_last", "log_every", "on_nan",
                       "max_nan_skips", "mixed_precision", "grad_accum", "stop_after"),
