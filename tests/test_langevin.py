@@ -51,7 +51,7 @@ def test_samples_the_symbol_vector_mixture(captured):
 
     2,000 steps as 100 sampler calls of 20 (persistent chains, as training runs them), through the
     eager sampler and the captured one (langevin_graph; its static-buffer program on CPU)."""
-    a, n = 2.0, 20_000
+    a, n = 2.0, 5_000
     prior = Prior(ModelConfig(z_dim=3, num_classes=2, prior_hidden=2, prior_activation="relu"))
     with torch.no_grad():  # relu(z1) - relu(-z1) = z1 through the real 3-layer MLP
         w1, _, w2, _, w3 = prior.net
@@ -70,7 +70,7 @@ def test_samples_the_symbol_vector_mixture(captured):
     if captured:
         assert sampler.backend == "static" and sampler.captures == 1 and sampler.replays == 100
     z1_sq = z[:, 0].pow(2)
-    se = z1_sq.std() / n**0.5  # ~0.03; the discretisation bias at s = 0.1 is ~0.01
+    se = z1_sq.std() / n**0.5  # ~0.06; the discretisation bias at s = 0.1 is ~0.01, a drift twice too large ~0.5
     assert abs(z1_sq.mean().item() - (1 + a**2)) < 4 * se.item()
     assert abs(z[:, 0].mean().item()) < 4 * (5.0 / n) ** 0.5
     for j in (1, 2):

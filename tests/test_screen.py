@@ -15,10 +15,10 @@ from conftest import REPO, SHARED_DATA
                     reason=f"{SHARED_DATA}/magic_gamma (the shared real tables) is absent")
 def test_a_failed_run_is_recorded_and_the_screen_goes_on(tmp_path):
     # The watchdog gives up at once (any energy gap is too large, no recovery allowed): both seeds' runs fail,
-    # as a diverging prior's would. The screen still tries the second, writes its row and exits 0.
+    # as a diverging prior's would. The screen still finishes the other, writes its row and exits 0.
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch" / "screen.py"), "--tables", "magic_gamma", "--seeds", "2",
-         "--updates", "20", "--jobs", "1", "--name", "diverges", "--work", str(tmp_path / "work"),
+         "--updates", "20", "--jobs", "2", "--name", "diverges", "--work", str(tmp_path / "work"),
          "--shards", str(tmp_path / "shards"), "health.max_energy_gap=1e-9", "health.max_recoveries=0",
          "train.log_every=5"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
