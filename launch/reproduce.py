@@ -181,6 +181,9 @@ def portable(stamp: dict, url: str) -> dict:
     return json.loads(text.replace(str(REPO) + "/", ""))
 
 
+DEFAULTS = json.loads(json.dumps(C.to_dict(C.Config())))  # every config key at its default, as a stamp holds it
+
+
 def same_stamp(kept: dict, stamp: dict) -> bool:
     """Whether a kept run's stamp is `stamp`. A config key the kept stamp lacks counts as unchanged when `stamp`
     has it at its default: a key added to the code since (a new option, off by default) does not change what an
@@ -188,11 +191,10 @@ def same_stamp(kept: dict, stamp: dict) -> bool:
     kept, stamp = json.loads(json.dumps(kept)), json.loads(json.dumps(stamp))
     old, new = kept.get("config"), stamp.get("config")
     if isinstance(old, dict) and isinstance(new, dict):
-        defaults = json.loads(json.dumps(C.to_dict(C.Config())))
         for section, keys in new.items():
             if isinstance(keys, dict) and isinstance(old.get(section), dict):
                 for key in [k for k in keys if k not in old[section]]:
-                    if key in defaults.get(section, {}) and keys[key] == defaults[section][key]:
+                    if key in DEFAULTS.get(section, {}) and keys[key] == DEFAULTS[section][key]:
                         del keys[key]
     return json.dumps(kept, sort_keys=True) == json.dumps(stamp, sort_keys=True)
 
