@@ -8,6 +8,9 @@ The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity 
     optional:        vat_weight * KL(p(y|x) || p(y|x + r_adv)) with p(y|x) = softmax f(mu(x)), over the
                      unlabelled batch: virtual adversarial training's smoothness term (Miyato et al.) on our
                      classifier, an addition to the paper's method (which its related work cites, as EBM + VAT)
+    optional:        consistency_weight * mean (softmax f(mu(x)) - softmax f(mu(x + n)))^2 over the unlabelled
+                     batch, n Gaussian input noise: the Pi-model's consistency term (Laine & Aila) on our
+                     classifier, also an addition
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_ebm.baselines import vat_loss
+from ssl_ebm.baselines import pi_loss, vat_loss
 from ssl_ebm.config import ModelConfig, OptimConfig
 from ssl_ebm.likelihood import kl_to_p0, log_likelihood
 from ssl_ebm.nets import Prior, build_encoder, build_generator
@@ -127,7 +130,7 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero, vat=zero)
+                   acc_l=zero, mi=zero, vat=zero, consistency=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -150,6 +153,11 @@ class LatentEBM(nn.Module):
                                logits_BK=self.prior(mu[:n_u]))
                 loss = loss + cfg.vat_weight * vat
                 out.update(vat=vat)
+            if cfg.consistency_weight > 0:
+                noisy_BK = self.predict_logits(x_u + cfg.consistency_noise * torch.randn_like(x_u))
+                consistency = pi_loss(self.prior(mu[:n_u]), noisy_BK.float())
+                loss = loss + cfg.consistency_weight * consistency
+                out.update(consistency=consistency)
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
                        z_pos_norm=z_pos_BZ.norm(dim=1).mean(), z_neg_norm=z_neg_NZ.norm(dim=1).mean())
         if x_l is not None:

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pairings import PAIRINGS, tiny_config
-from ssl_ebm.baselines import vat_loss
+from ssl_ebm.baselines import pi_loss, vat_loss
 from ssl_ebm.config import OptimConfig
 from ssl_ebm.model import LatentEBM, batch_mutual_information
 
-KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "vat", "logvar_min",
-        "logvar_max"}
+KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "vat", "consistency",
+        "logvar_min", "logvar_max"}
 
 
 def make(name: str, seed: int = 0, **kw) -> LatentEBM:
@@ -236,6 +236,28 @@ def test_vat_term():
     torch.testing.assert_close(out["vat"], vat.detach())
     torch.testing.assert_close(out["loss"], plain["loss"] + 10.0 * out["vat"])
     vat.backward()
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
+
+
+def test_consistency_term():
+    """model.consistency_weight: loss = paper loss + weight * mean (softmax f(mu(x_u)) - softmax f(mu(x_u + n)))^2,
+    n ~ N(0, consistency_noise^2); the term trains encoder and prior, never the generator."""
+    data = batch(make("mlp+mlp gaussian"), n_u=16)
+    eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
+    plain = make("mlp+mlp gaussian")(*data, eps=eps)
+    model = make("mlp+mlp gaussian", consistency_weight=100.0, consistency_noise=0.5)
+    torch.manual_seed(7)  # the input noise
+    out = model(*data, eps=eps)
+    x_u = data[0]
+    torch.manual_seed(7)
+    noisy = x_u + 0.5 * torch.randn_like(x_u)
+    term = pi_loss(model.predict_logits(x_u), model.predict_logits(noisy))
+    assert plain["consistency"] == 0 and out["consistency"] > 0
+    torch.testing.assert_close(out["consistency"], term.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + 100.0 * out["consistency"])
+    term.backward()
     assert all(p.grad is None for p in model.generator.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
