@@ -136,14 +136,14 @@ def parse_args(argv=None):
 NOT_READ = {
     "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
                       "labelled_weight", "label_smoothing", "energy_penalty", "mi_weight", "vat_weight", "vat_xi",
-                      "vat_eps", "consistency_weight", "consistency_noise"),
+                      "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight"),
             "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
             "train": ("method", "select", "ema_decay", "checkpoint_every", "keep_last", "log_every", "on_nan",
                       "max_nan_skips", "mixed_precision", "grad_accum", "stop_after"),
             "sampler": None, "health": None},
     "supervised": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
                              "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps",
-                             "consistency_weight", "consistency_noise"),
+                             "consistency_weight", "consistency_noise", "entmin_weight"),
                    "optim": ("lr_generator",), "sampler": None},
 }
 NOT_READ["pi"] = NOT_READ["vat"]

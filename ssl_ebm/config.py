@@ -84,6 +84,9 @@ class ModelConfig:
     # (features are standardised), both passes with gradient (Laine & Aila's term, as launch/baselines.py's).
     consistency_weight: float = 0.0
     consistency_noise: float = 0.15
+    # Entropy minimisation of softmax f(mu(x)) over the unlabelled batch (not the paper; 0 = off): the
+    # classifier's boundaries pushed away from where the encoded data lie (Grandvalet & Bengio).
+    entmin_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.x_shape = tuple(self.x_shape)
@@ -109,6 +112,7 @@ class ModelConfig:
         _check(self.vat_weight >= 0, "model.vat_weight", "must be >= 0 (0 turns the VAT term off)")
         _check(self.vat_xi > 0 and self.vat_eps > 0, "model.vat_eps", "vat_xi and vat_eps must be > 0")
         _check(self.consistency_weight >= 0, "model.consistency_weight", "must be >= 0 (0 turns the term off)")
+        _check(self.entmin_weight >= 0, "model.entmin_weight", "must be >= 0 (0 turns the term off)")
         _check(self.consistency_noise > 0, "model.consistency_noise", f"got {self.consistency_noise}; must be > 0")
         image = len(self.x_shape) == 3
         if self.encoder in ("wrn", "conv") or self.generator == "deconv":

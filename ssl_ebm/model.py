@@ -11,6 +11,8 @@ The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity 
     optional:        consistency_weight * mean (softmax f(mu(x)) - softmax f(mu(x + n)))^2 over the unlabelled
                      batch, n Gaussian input noise: the Pi-model's consistency term (Laine & Aila) on our
                      classifier, also an addition
+    optional:        entmin_weight * mean entropy of softmax f(mu(x)) over the unlabelled batch (entropy
+                     minimisation, Grandvalet & Bengio), also an addition
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_ebm.baselines import pi_loss, vat_loss
+from ssl_ebm.baselines import entropy_loss, pi_loss, vat_loss
 from ssl_ebm.config import ModelConfig, OptimConfig
 from ssl_ebm.likelihood import kl_to_p0, log_likelihood
 from ssl_ebm.nets import Prior, build_encoder, build_generator
@@ -130,7 +132,8 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero, vat=zero, consistency=zero)
+                   acc_l=zero, mi=zero, vat=zero, consistency=zero,
+                   entropy=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -158,6 +161,10 @@ class LatentEBM(nn.Module):
                 consistency = pi_loss(self.prior(mu[:n_u]), noisy_BK.float())
                 loss = loss + cfg.consistency_weight * consistency
                 out.update(consistency=consistency)
+            if cfg.entmin_weight > 0:
+                entropy = entropy_loss(self.prior(mu[:n_u]))
+                loss = loss + cfg.entmin_weight * entropy
+                out.update(entropy=entropy)
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
                        z_pos_norm=z_pos_BZ.norm(dim=1).mean(), z_neg_norm=z_neg_NZ.norm(dim=1).mean())
         if x_l is not None:

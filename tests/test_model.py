@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pairings import PAIRINGS, tiny_config
-from ssl_ebm.baselines import pi_loss, vat_loss
+from ssl_ebm.baselines import entropy_loss, pi_loss, vat_loss
 from ssl_ebm.config import OptimConfig
 from ssl_ebm.model import LatentEBM, batch_mutual_information
 
 KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "vat", "consistency",
-        "logvar_min", "logvar_max"}
+        "entropy", "logvar_min", "logvar_max"}
 
 
 def make(name: str, seed: int = 0, **kw) -> LatentEBM:
@@ -257,6 +257,24 @@ def test_consistency_term():
     assert plain["consistency"] == 0 and out["consistency"] > 0
     torch.testing.assert_close(out["consistency"], term.detach())
     torch.testing.assert_close(out["loss"], plain["loss"] + 100.0 * out["consistency"])
+    term.backward()
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
+
+
+def test_entmin_term():
+    """model.entmin_weight: loss = paper loss + weight * mean entropy of softmax f(mu(x_u)); the term trains
+    encoder and prior, never the generator."""
+    data = batch(make("mlp+mlp gaussian"), n_u=16)
+    eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
+    plain = make("mlp+mlp gaussian")(*data, eps=eps)
+    model = make("mlp+mlp gaussian", entmin_weight=2.0)
+    out = model(*data, eps=eps)
+    term = entropy_loss(model.predict_logits(data[0]))
+    assert plain["entropy"] == 0 and 0 < out["entropy"] <= math.log(3)
+    torch.testing.assert_close(out["entropy"], term.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + 2.0 * out["entropy"])
     term.backward()
     assert all(p.grad is None for p in model.generator.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
