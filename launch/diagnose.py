@@ -13,6 +13,10 @@ For the run's final (or named) checkpoint and its shards, on the validation spli
                    never a way to choose a setting)
     F by class     mean F(mu(x)) = logsumexp f(mu(x)) per true class, and the share of the prior's samples
                    (Langevin chains from noise) that f assigns to each class, beside the classes' shares
+    f(mu)+em       f(mu) corrected for the class shares of the unlabelled pool: a class-balanced labelled set
+                   teaches f balanced classes; the pool's shares are estimated by EM on softmax f(mu(x))
+                   (Saerens et al. 2002; labels unused) and f + log(pool share / labelled share) is scored.
+                   If it beats f(mu), the classifier's class prior, not its boundaries, is what falls short
 Prints one JSON line; --json appends it to a file.
 """
 
@@ -56,6 +60,16 @@ def _knn_loo(x, y) -> float:
     return float((y[idx] == y).mean())
 
 
+def em_class_shares(p_NK: np.ndarray, labelled_share_K: np.ndarray, iterations: int = 100) -> np.ndarray:
+    """The class shares of a pool by EM, from a classifier's p(y|x) trained where classes had labelled_share_K:
+    reweight each p(y|x) by share / labelled share, renormalise, average; repeat (Saerens et al. 2002)."""
+    share = labelled_share_K.copy()
+    for _ in range(iterations):
+        q_NK = p_NK * (share / labelled_share_K)
+        share = (q_NK / q_NK.sum(1, keepdims=True)).mean(0)
+    return share
+
+
 def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
     cfg = C.from_dict(C.Config, yaml.safe_load(Path(run, "config.yaml").read_text()))
     store = CheckpointStore(f"{run}/checkpoints")
@@ -66,13 +80,18 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
     url = cfg.data.shards
     x_l, y_l = BL.read_split(url, "labelled")
     x_v, y_v = BL.read_split(url, "val")
+    x_u, _ = BL.read_split(url, "unlabelled")  # its labels are not used
+    K = cfg.model.num_classes
     with torch.no_grad():
+        p_u = torch.softmax(net.predict_logits(torch.from_numpy(x_u).float()).double(), -1).numpy()
         mu_l = net.encoder(torch.from_numpy(x_l).float())[0].numpy()
         mu_v_t = net.encoder(torch.from_numpy(x_v).float())[0]
         logits_v = net.prior(mu_v_t)
         F_v = torch.logsumexp(logits_v, -1).numpy()
         mu_v = mu_v_t.numpy()
-    K = cfg.model.num_classes
+    labelled_share = np.maximum(np.bincount(y_l, minlength=K) / len(y_l), 1e-6)
+    pool_share = em_class_shares(p_u, labelled_share)
+    em_logits = logits_v.double().numpy() + np.log(np.maximum(pool_share, 1e-12)) - np.log(labelled_share)
     torch.manual_seed(seed)
     z = torch.randn(2000, cfg.model.z_dim) * cfg.model.sigma0
     z = langevin(net.prior, z, steps=200, step_size=cfg.sampler.step_size, sigma0=cfg.model.sigma0)
@@ -80,6 +99,7 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
         chain_class = net.prior(z).argmax(-1).numpy()
     return {"run": run, "checkpoint": name,
             "f(mu)": float((logits_v.argmax(-1).numpy() == y_v).mean()),
+            "f(mu)+em": float((em_logits.argmax(-1) == y_v).mean()), "em_share": pool_share.round(4).tolist(),
             "lr(mu)": _lr_cv(mu_l, y_l, mu_v, y_v, seed), "lr(x)": _lr_cv(x_l, y_l, x_v, y_v, seed),
             "knn(mu)": _knn_loo(mu_v, y_v), "knn(x)": _knn_loo(x_v, y_v),
             "F_by_class": [round(float(F_v[y_v == k].mean()), 3) for k in range(K) if (y_v == k).any()],
