@@ -220,61 +220,42 @@ def test_mutual_information_term():
     with_mi["loss"].backward()  # the term reaches the prior's class logits
 
 
-def test_vat_term():
-    """model.vat_weight: loss = paper loss + vat_weight * KL(p(y|x_u) || p(y|x_u + r_adv)), p = softmax f(mu(x));
-    the term trains encoder and prior, never the generator."""
+def _vat_reference(model, x_u):
+    torch.manual_seed(5)  # the power iteration's random start, as in the loss
+    return vat_loss(model.predict_logits, x_u, 0.1, 0.2 * math.sqrt(x_u[0].numel()), logits_BK=model.predict_logits(x_u))
+
+
+def _consistency_reference(model, x_u):
+    torch.manual_seed(5)  # the input noise, as in the loss
+    return pi_loss(model.predict_logits(x_u), model.predict_logits(x_u + 0.5 * torch.randn_like(x_u)))
+
+
+# The optional terms on ours' classifier f(mu(x)) over the unlabelled batch (none is the paper's): the config
+# that turns one on, the output key it is logged under, its weight, and the term computed by hand.
+CLASSIFIER_TERMS = {
+    "vat": (dict(vat_weight=10.0, vat_xi=0.1, vat_eps=0.2), "vat", 10.0, _vat_reference),
+    "consistency": (dict(consistency_weight=100.0, consistency_noise=0.5), "consistency", 100.0,
+                    _consistency_reference),
+    "entmin": (dict(entmin_weight=2.0), "entropy", 2.0, lambda model, x_u: entropy_loss(model.predict_logits(x_u))),
+}
+
+
+@pytest.mark.parametrize("term_name", list(CLASSIFIER_TERMS))
+def test_classifier_term(term_name):
+    """loss = paper loss + weight * term, where the term is VAT's KL(p(y|x_u) || p(y|x_u + r_adv)), the Π-model's
+    mean (softmax f(mu(x_u)) - softmax f(mu(x_u + n)))^2 or the mean entropy of softmax f(mu(x_u)), with
+    p = softmax f(mu(x)); each term trains encoder and prior, never the generator."""
+    settings, key, weight, reference = CLASSIFIER_TERMS[term_name]
     data = batch(make("mlp+mlp gaussian"), n_u=16)
     eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
     plain = make("mlp+mlp gaussian")(*data, eps=eps)
-    model = make("mlp+mlp gaussian", vat_weight=10.0, vat_xi=0.1, vat_eps=0.2)
-    torch.manual_seed(5)  # the power iteration's random start
-    out = model(*data, eps=eps)
-    x_u = data[0]
+    model = make("mlp+mlp gaussian", **settings)
     torch.manual_seed(5)
-    vat = vat_loss(model.predict_logits, x_u, 0.1, 0.2 * math.sqrt(x_u[0].numel()), logits_BK=model.predict_logits(x_u))
-    assert plain["vat"] == 0 and out["vat"] > 0
-    torch.testing.assert_close(out["vat"], vat.detach())
-    torch.testing.assert_close(out["loss"], plain["loss"] + 10.0 * out["vat"])
-    vat.backward()
-    assert all(p.grad is None for p in model.generator.parameters())
-    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
-    assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
-
-
-def test_consistency_term():
-    """model.consistency_weight: loss = paper loss + weight * mean (softmax f(mu(x_u)) - softmax f(mu(x_u + n)))^2,
-    n ~ N(0, consistency_noise^2); the term trains encoder and prior, never the generator."""
-    data = batch(make("mlp+mlp gaussian"), n_u=16)
-    eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
-    plain = make("mlp+mlp gaussian")(*data, eps=eps)
-    model = make("mlp+mlp gaussian", consistency_weight=100.0, consistency_noise=0.5)
-    torch.manual_seed(7)  # the input noise
     out = model(*data, eps=eps)
-    x_u = data[0]
-    torch.manual_seed(7)
-    noisy = x_u + 0.5 * torch.randn_like(x_u)
-    term = pi_loss(model.predict_logits(x_u), model.predict_logits(noisy))
-    assert plain["consistency"] == 0 and out["consistency"] > 0
-    torch.testing.assert_close(out["consistency"], term.detach())
-    torch.testing.assert_close(out["loss"], plain["loss"] + 100.0 * out["consistency"])
-    term.backward()
-    assert all(p.grad is None for p in model.generator.parameters())
-    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
-    assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
-
-
-def test_entmin_term():
-    """model.entmin_weight: loss = paper loss + weight * mean entropy of softmax f(mu(x_u)); the term trains
-    encoder and prior, never the generator."""
-    data = batch(make("mlp+mlp gaussian"), n_u=16)
-    eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
-    plain = make("mlp+mlp gaussian")(*data, eps=eps)
-    model = make("mlp+mlp gaussian", entmin_weight=2.0)
-    out = model(*data, eps=eps)
-    term = entropy_loss(model.predict_logits(data[0]))
-    assert plain["entropy"] == 0 and 0 < out["entropy"] <= math.log(3)
-    torch.testing.assert_close(out["entropy"], term.detach())
-    torch.testing.assert_close(out["loss"], plain["loss"] + 2.0 * out["entropy"])
+    term = reference(model, data[0])
+    assert plain[key] == 0 and out[key] > 0
+    torch.testing.assert_close(out[key], term.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + weight * out[key])
     term.backward()
     assert all(p.grad is None for p in model.generator.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
