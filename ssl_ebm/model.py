@@ -132,8 +132,7 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero, vat=zero, consistency=zero,
-                   entropy=zero)
+                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -151,18 +150,20 @@ class LatentEBM(nn.Module):
                 mi = batch_mutual_information(self.prior(z_pos_BZ))
                 loss = loss - cfg.mi_weight * mi
                 out.update(mi=mi)
+            # The optional terms on the classifier f(mu(x)) of the unlabelled batch (none is the paper's).
+            logits_u_BK = self.prior(mu[:n_u]) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight else None
             if cfg.vat_weight > 0:
                 vat = vat_loss(self.predict_logits, x_u, cfg.vat_xi, cfg.vat_eps * math.sqrt(x_u[0].numel()),
-                               logits_BK=self.prior(mu[:n_u]))
+                               logits_BK=logits_u_BK)
                 loss = loss + cfg.vat_weight * vat
                 out.update(vat=vat)
             if cfg.consistency_weight > 0:
                 noisy_BK = self.predict_logits(x_u + cfg.consistency_noise * torch.randn_like(x_u))
-                consistency = pi_loss(self.prior(mu[:n_u]), noisy_BK.float())
+                consistency = pi_loss(logits_u_BK, noisy_BK.float())
                 loss = loss + cfg.consistency_weight * consistency
                 out.update(consistency=consistency)
             if cfg.entmin_weight > 0:
-                entropy = entropy_loss(self.prior(mu[:n_u]))
+                entropy = entropy_loss(logits_u_BK)
                 loss = loss + cfg.entmin_weight * entropy
                 out.update(entropy=entropy)
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),

@@ -222,7 +222,8 @@ def test_mutual_information_term():
 
 def _vat_reference(model, x_u):
     torch.manual_seed(5)  # the power iteration's random start, as in the loss
-    return vat_loss(model.predict_logits, x_u, 0.1, 0.2 * math.sqrt(x_u[0].numel()), logits_BK=model.predict_logits(x_u))
+    return vat_loss(model.predict_logits, x_u, 0.1, 0.2 * math.sqrt(x_u[0].numel()),
+                    logits_BK=model.predict_logits(x_u))
 
 
 def _consistency_reference(model, x_u):
