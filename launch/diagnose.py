@@ -83,7 +83,8 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
     x_u, _ = BL.read_split(url, "unlabelled")  # its labels are not used
     K = cfg.model.num_classes
     with torch.no_grad():
-        p_u = torch.softmax(net.predict_logits(torch.from_numpy(x_u).float()).double(), -1).numpy()
+        p_u = np.concatenate([torch.softmax(net.predict_logits(torch.from_numpy(x).float()).double(), -1).numpy()
+                              for x in np.array_split(x_u, max(1, len(x_u) // 4096))])  # a pool of images fits too
         mu_l = net.encoder(torch.from_numpy(x_l).float())[0].numpy()
         mu_v_t = net.encoder(torch.from_numpy(x_v).float())[0]
         logits_v = net.prior(mu_v_t)
