@@ -133,17 +133,17 @@ def parse_args(argv=None):
 # prior MLP head from the model section and train them with Adam at optim.lr_encoder (launch/baselines.py); the
 # supervised-only twin trains encoder and prior on the labelled loss and draws no chains. A section mapped to
 # None is ignored whole.
+# The optional terms on ours' classifier over the unlabelled batch (model.py): no other method reads them.
+OURS_CLASSIFIER_TERMS = ("vat_weight", "vat_xi", "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight")
 NOT_READ = {
     "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
-                      "labelled_weight", "label_smoothing", "energy_penalty", "mi_weight", "vat_weight", "vat_xi",
-                      "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight"),
+                      "labelled_weight", "label_smoothing", "energy_penalty", "mi_weight", *OURS_CLASSIFIER_TERMS),
             "optim": ("lr_prior", "lr_generator", "warmup_steps", "schedule", "grad_clip"),
             "train": ("method", "select", "ema_decay", "checkpoint_every", "keep_last", "log_every", "on_nan",
                       "max_nan_skips", "mixed_precision", "grad_accum", "stop_after"),
             "sampler": None, "health": None},
     "supervised": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
-                             "energy_penalty", "mi_weight", "vat_weight", "vat_xi", "vat_eps",
-                             "consistency_weight", "consistency_noise", "entmin_weight"),
+                             "energy_penalty", "mi_weight", *OURS_CLASSIFIER_TERMS),
                    "optim": ("lr_generator",), "sampler": None},
 }
 NOT_READ["pi"] = NOT_READ["vat"]
