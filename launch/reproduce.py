@@ -134,7 +134,8 @@ def parse_args(argv=None):
 # supervised-only twin trains encoder and prior on the labelled loss and draws no chains. A section mapped to
 # None is ignored whole.
 # The optional terms on ours' classifier over the unlabelled batch (model.py): no other method reads them.
-OURS_CLASSIFIER_TERMS = ("vat_weight", "vat_xi", "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight")
+OURS_CLASSIFIER_TERMS = ("vat_weight", "vat_xi", "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight",
+                         "graph_smoothing", "graph_neighbours", "graph_pool")  # and its prediction's graph smoothing
 NOT_READ = {
     "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
                       "labelled_weight", "label_smoothing", "energy_penalty", "mi_weight", *OURS_CLASSIFIER_TERMS),

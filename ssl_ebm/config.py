@@ -87,6 +87,14 @@ class ModelConfig:
     # Entropy minimisation of softmax f(mu(x)) over the unlabelled batch (not the paper; 0 = off): the
     # classifier's boundaries pushed away from where the encoded data lie (Grandvalet & Bengio).
     entmin_weight: float = 0.0
+    # Graph smoothing of the prediction over the latent space (not the paper; 0 = off: softmax f(mu), as the
+    # paper classifies). The spreading weight alpha of label spreading over a graph of the labelled rows and
+    # up to graph_pool unlabelled rows, each joined to its graph_neighbours nearest in mu-space; a new row
+    # takes its neighbours' smoothed labels with weight alpha, its own f(mu) with 1 - alpha (ssl_ebm/graph.py).
+    # Applied where ours is evaluated (validation, test); supervised-only never reads the unlabelled rows.
+    graph_smoothing: float = 0.0
+    graph_neighbours: int = 10
+    graph_pool: int = 10000
 
     def __post_init__(self) -> None:
         self.x_shape = tuple(self.x_shape)
@@ -114,6 +122,11 @@ class ModelConfig:
         _check(self.consistency_weight >= 0, "model.consistency_weight", "must be >= 0 (0 turns the term off)")
         _check(self.entmin_weight >= 0, "model.entmin_weight", "must be >= 0 (0 turns the term off)")
         _check(self.consistency_noise > 0, "model.consistency_noise", f"got {self.consistency_noise}; must be > 0")
+        _check(0 <= self.graph_smoothing < 1, "model.graph_smoothing",
+               f"got {self.graph_smoothing}; must be in [0, 1) (0 turns graph smoothing off)")
+        _check(self.graph_neighbours >= 1, "model.graph_neighbours", f"got {self.graph_neighbours}; must be >= 1")
+        _check(self.graph_pool > self.graph_neighbours, "model.graph_pool",
+               f"got {self.graph_pool}; must be more than model.graph_neighbours={self.graph_neighbours}")
         image = len(self.x_shape) == 3
         if self.encoder in ("wrn", "conv") or self.generator == "deconv":
             _check(image, "model.x_shape",

@@ -106,7 +106,8 @@ def val_record(val: dict) -> dict[str, float]:
     predicts one class for everything, whatever the class balance."""
     per_class = val.get("per_class_accuracy") or [float("nan")]
     return {"val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-            "val_balanced_accuracy": sum(per_class) / len(per_class)}
+            "val_balanced_accuracy": sum(per_class) / len(per_class),
+            **({"val_prior_accuracy": val["prior_accuracy"]} if "prior_accuracy" in val else {})}
 
 
 def early_stop(cfg: HealthConfig, meta: dict, improved: bool) -> bool:

@@ -31,6 +31,8 @@ def test_round_trip_through_yaml(tmp_path):
     (["sampler.step_size=-0.1"], "sampler.step_size"),
     (["model.encoder=wrn"], "model.x_shape"),
     (["train.mixed_precision=fp16"], "train.mixed_precision"),
+    (["model.graph_smoothing=1"], "model.graph_smoothing: got 1.0; must be in [0, 1)"),
+    (["model.graph_pool=5"], "model.graph_pool: got 5; must be more than model.graph_neighbours=10"),
     (["train.steps"], "section.key=value"),
     (["data.batch_unlabelled=0"], "data.batch_unlabelled: is 0, but train.method 'ebm' learns from unlabelled data"),
     (["train.method=supervised", "data.batch_labelled=0"],

@@ -89,11 +89,30 @@ def test_a_batch_part_the_method_needs_cannot_be_zero(digits_shards, tmp_path):
            "data.batch_unlabelled: is 0, but train.method 'ebm' learns from unlabelled data")
 
 
+def test_graph_smoothing_changes_the_prediction_only(digits_shards, tmp_path):
+    """model.graph_smoothing trains the same weights; the test split is scored with the smoothed prediction,
+    and softmax f(mu) alone is recorded beside it (and equals the unsmoothed run's accuracy)."""
+    args = ["train.steps=20", "train.eval_every=20", "train.cpu_threads=1"]  # one validation pass, at the end
+    plain, smooth = tmp_path / "plain", tmp_path / "graph"
+    run_train(tiny(digits_shards, plain, *args))
+    run_train(tiny(digits_shards, smooth, *args, "model.graph_smoothing=0.9", "model.graph_pool=300"))
+    m_plain, m_smooth = (json.loads((o / "metrics.json").read_text()) for o in (plain, smooth))
+    assert m_plain["rank_param_checksums"] == m_smooth["rank_param_checksums"]
+    assert "prior_accuracy" not in m_plain["test"]
+    assert m_smooth["test"]["prior_accuracy"] == m_plain["test"]["accuracy"]
+    assert m_smooth["test"]["count"] == m_plain["test"]["count"] and 0 <= m_smooth["test"]["accuracy"] <= 1
+    assert m_plain["best_step"] == m_smooth["best_step"] == 20
+    val = [json.loads(line) for line in (smooth / "log.jsonl").read_text().splitlines() if "val_accuracy" in line]
+    assert len(val) == 1 and m_smooth["val_accuracy"] == val[0]["val_accuracy"]
+    assert val[0]["val_prior_accuracy"] == m_plain["val_accuracy"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["model.vat_weight=1"]], ids=["paper", "vat_term"])
+@pytest.mark.parametrize("extra", [[], ["model.vat_weight=1"], ["model.graph_smoothing=0.9", "model.graph_pool=300"]],
+                         ids=["paper", "vat_term", "graph"])
 def test_two_processes_train_together(digits_shards, tmp_path, extra):
     """Two DDP processes end with the same weights; the VAT term's power iteration (a gradient inside the
-    forward) keeps them so too."""
+    forward) keeps them so too; graph smoothing's evaluation (each rank builds the graph itself) runs."""
     out = tmp_path / "ddp"
     run_train(tiny(digits_shards, out, "train.steps=20", "train.checkpoint_every=10", *extra), nproc=2)
     metrics = json.loads((out / "metrics.json").read_text())
