@@ -34,11 +34,13 @@ import yaml
 
 from ssl_ebm import config as C
 from ssl_ebm import features
+from ssl_ebm.graph import GraphMemory, encode
 from ssl_ebm.langevin import langevin
 from ssl_ebm.likelihood import kl_to_p0
 from ssl_ebm.model import LatentEBM
 
 WEIGHTS = "model.safetensors"
+GRAPH = "graph.safetensors"  # model.graph_smoothing's graph (ssl_ebm/graph.py), where the model has one
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 # What a model needs from the shard manifest to take and give data in its own units.
@@ -94,7 +96,11 @@ def load(url: str, *, allow_pickle: bool = False, shards: str = "", device: str 
             weights = load_safetensors(_read(fs, f"{root}/{WEIGHTS}", url, WEIGHTS))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise ModelError(f"{url}/{WEIGHTS} is not a readable safetensors file ({e}); export the model again") from None
-        return Model(_build(cfg, weights, url), cfg, manifest, device)
+        graph = None
+        if fs.exists(f"{root}/{GRAPH}"):
+            graph = GraphMemory.from_state_dict(load_safetensors(_read(fs, f"{root}/{GRAPH}", url, GRAPH)),
+                                                cfg.model.graph_neighbours, cfg.model.graph_smoothing)
+        return Model(_build(cfg, weights, url), cfg, manifest, device, graph=graph)
     if fs.exists(f"{root}/model.pt") or (fs.exists(root) and not fs.isdir(root)):
         what = f"{url}/model.pt" if fs.exists(f"{root}/model.pt") else url
         if not allow_pickle:
@@ -146,7 +152,21 @@ def _load_checkpoint(url: str, shards: str, device) -> "Model":
             raise ModelError(f"{url}: the training shards' manifest ({shards}) cannot be read, and this model "
                              f"needs its normalisation: pass shards=URL of the shard directory ({e})") from None
         manifest = {}  # images: pixels, the same for every image dataset
-    return Model(_build(cfg, weights, url), cfg, manifest, device)
+    net = _build(cfg, weights, url)
+    graph = None
+    if cfg.model.graph_smoothing > 0 and cfg.train.method == "ebm":  # rebuilt as training's evaluation built it
+        try:
+            read = lambda split: data.eval_batches(shards, split, batch_size=cfg.data.eval_batch)  # noqa: E731
+            with torch.no_grad():
+                graph = GraphMemory.from_batches(
+                    lambda x: encode(net.to(device), x), read("labelled"), read("unlabelled"),
+                    data.read_manifest(shards)["splits"]["unlabelled"]["count"], cfg.model.graph_pool,
+                    cfg.train.seed, cfg.model.graph_neighbours, cfg.model.graph_smoothing, device)
+        except (data.DataError, KeyError, ValueError) as e:
+            raise ModelError(f"{url}: this model predicts with graph smoothing (model.graph_smoothing), built from "
+                             f"its training shards' labelled and unlabelled rows, which cannot be read at {shards}: "
+                             f"pass shards=URL of the shard directory ({e})") from None
+    return Model(net, cfg, manifest, device, graph=graph)
 
 
 def export(model: "Model", url: str) -> str:
@@ -162,9 +182,13 @@ def export(model: "Model", url: str) -> str:
         fs.rm(f"{root}/{WEIGHTS}")
     fs.makedirs(root, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.net.state_dict().items()}
-    for filename, blob in ((CONFIG, C.dump_config(model.cfg).encode()),
-                           (MANIFEST, json.dumps(model.manifest, indent=1).encode()),
-                           (WEIGHTS, save_safetensors(state, metadata={"format": "pt", "producer": "ssl-ebm"}))):
+    meta = {"format": "pt", "producer": "ssl-ebm"}
+    files = [(CONFIG, C.dump_config(model.cfg).encode()), (MANIFEST, json.dumps(model.manifest, indent=1).encode())]
+    if model.graph is not None:
+        files.append((GRAPH, save_safetensors(model.graph.state_dict(), metadata=meta)))
+    elif fs.exists(f"{root}/{GRAPH}"):
+        fs.rm(f"{root}/{GRAPH}")
+    for filename, blob in (*files, (WEIGHTS, save_safetensors(state, metadata=meta))):
         with fs.open(f"{root}/{filename}", "wb") as f:
             f.write(blob)
     return url
@@ -194,10 +218,11 @@ class Model:
     """A trained LatentEBM with the manifest facts that map the data's own units to the model's and back."""
 
     def __init__(self, net: LatentEBM, cfg: C.Config, manifest: dict, device: str | torch.device = "cpu",
-                 batch_size: int = 1024):
+                 batch_size: int = 1024, graph: GraphMemory | None = None):
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
         self.cfg = cfg
+        self.graph = graph  # model.graph_smoothing: the prediction reads it (ssl_ebm/graph.py)
         mc = cfg.model
         kind = "image" if len(mc.x_shape) == 3 else "counts" if mc.likelihood == "multinomial" else "vector"
         manifest = {"feature_names": (manifest.get("source") or {}).get("feature_names"), **manifest}
@@ -322,7 +347,11 @@ class Model:
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict_proba(self, x) -> torch.Tensor:
-        """p(y | x) = softmax(f(mu(x))), (N, K) (eq. 12 with q(z|x) replaced by its mean)."""
+        """p(y | x) = softmax(f(mu(x))), (N, K) (eq. 12 with q(z|x) replaced by its mean); for a model trained
+        with model.graph_smoothing, that smoothed over the training pool's graph, as its evaluation scored it."""
+        if self.graph is not None:
+            return self._cat([self.graph.proba(*encode(self.net, b)).float().cpu() for b in self._batches(x)],
+                             self.num_classes)
         return self._cat([self.net.predict_proba(b).cpu() for b in self._batches(x)], self.num_classes)
 
     def predict(self, x) -> torch.Tensor:

@@ -18,8 +18,15 @@ K classes, k neighbours.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
+
+
+def encode(net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu(x), softmax f(mu(x))) of a LatentEBM, in float32: what the graph is built from and read with."""
+    mu_BZ = net.encoder(x)[0]
+    return mu_BZ.float(), torch.softmax(net.prior(mu_BZ).float(), dim=-1)
 
 
 def knn(query_BZ: torch.Tensor, keys_NZ: torch.Tensor, k: int, exclude_self: bool = False,
@@ -69,6 +76,37 @@ class GraphMemory:
         pool_NK = y_NK[len(mu_LZ):]
         weight_K = p_UK.double().mean(0) / pool_NK.mean(0).clamp_min(1e-12) if len(pool_NK) else torch.ones(K)
         return cls(mu_NZ, y_NK, weight_K.double(), neighbours, alpha)
+
+    @classmethod
+    def from_batches(cls, encode: Callable, labelled: Iterable[dict], unlabelled: Iterable[dict], pool_rows: int,
+                     pool_size: int, seed: int, neighbours: int, alpha: float, device=None) -> "GraphMemory":
+        """From one pass over the labelled split and one over the unlabelled split ({"x", "y", "idx"} batches, as
+        data.eval_batches gives): every labelled row and pool_size of the pool_rows unlabelled ones (a random
+        choice fixed by `seed`, so that whoever builds it from the same shards and weights builds the same graph).
+        encode(x) -> (mu_BZ, softmax f(mu) p_BK)."""
+        keep = torch.zeros(pool_rows, dtype=torch.bool)
+        keep[torch.randperm(pool_rows, generator=torch.Generator().manual_seed(seed))[:pool_size]] = True
+        parts = []
+        for batches, choose in ((labelled, False), (unlabelled, True)):
+            mus, probs, ys = [], [], []
+            for batch in batches:
+                rows = keep[batch["idx"]] if choose else torch.ones(len(batch["y"]), dtype=torch.bool)
+                if rows.any():
+                    mu, p = encode(batch["x"][rows].to(device))
+                    mus.append(mu.float()), probs.append(p.float()), ys.append(batch["y"][rows].to(mu.device))
+            if not mus:
+                raise ValueError(f"graph smoothing found no {'unlabelled' if choose else 'labelled'} rows")
+            parts.append((torch.cat(mus), torch.cat(probs), torch.cat(ys)))
+        (mu_l, _, y_l), (mu_u, p_u, _) = parts
+        return cls.build(mu_l, y_l, mu_u, p_u, neighbours, alpha)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mu_NZ": self.mu_NZ.cpu().contiguous(), "y_NK": self.y_NK.cpu().contiguous(),
+                "weight_K": self.weight_K.cpu().contiguous()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], neighbours: int, alpha: float) -> "GraphMemory":
+        return cls(state["mu_NZ"], state["y_NK"], state["weight_K"], neighbours, alpha)
 
     def proba(self, mu_BZ: torch.Tensor, p_BK: torch.Tensor) -> torch.Tensor:
         """q(y|x) (B, K) for rows with latent mu_BZ and softmax f(mu) p_BK."""

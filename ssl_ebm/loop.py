@@ -24,7 +24,7 @@ import torch
 from ssl_ebm import config as C
 from ssl_ebm import data, health, logs, runtime
 from ssl_ebm.checkpoint import CheckpointStore
-from ssl_ebm.graph import GraphMemory
+from ssl_ebm.graph import GraphMemory, encode
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.metrics import evaluate
 from ssl_ebm.resume import best_checkpoint
@@ -112,7 +112,7 @@ def run_eval(run: Run, split: str, averaged: bool = True) -> dict:
             out = evaluate(net.predict_logits, batches, cfg.model.num_classes, acc.device)
         else:
             memory = graph_memory(run)
-            out = evaluate(lambda x: memory.proba(*_mu_and_proba(net, x)).log(), batches, cfg.model.num_classes,
+            out = evaluate(lambda x: memory.proba(*encode(net, x)).log(), batches, cfg.model.num_classes,
                            acc.device)
             prior_only = evaluate(net.predict_logits, data.eval_batches(
                 run.url, split, batch_size=cfg.data.eval_batch, rank=acc.process_index,
@@ -122,31 +122,18 @@ def run_eval(run: Run, split: str, averaged: bool = True) -> dict:
     return out
 
 
-def _mu_and_proba(net, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mu = net.encoder(x)[0]
-    return mu.float(), torch.softmax(net.prior(mu).float(), dim=-1)
-
-
 @torch.no_grad()
 def graph_memory(run: Run) -> GraphMemory:
-    """model.graph_smoothing's graph: the labelled rows and model.graph_pool unlabelled rows (a fixed random
-    choice by train.seed), encoded by the weights in the model now. Every rank reads and encodes the same rows
-    itself (no collective), so every rank builds the same graph."""
-    cfg, acc, net = run.cfg, run.state.acc, run.state.net
-    count = data.read_manifest(run.url)["splits"]["unlabelled"]["count"]
-    keep = torch.zeros(count, dtype=torch.bool)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    keep[torch.randperm(count, generator=gen)[:cfg.model.graph_pool]] = True
-    parts = {"labelled": ([], [], []), "unlabelled": ([], [], [])}
-    for split, (mus, probs, ys) in parts.items():
-        for batch in data.eval_batches(run.url, split, batch_size=cfg.data.eval_batch, num_workers=cfg.data.workers):
-            rows = keep[batch["idx"]] if split == "unlabelled" else torch.ones(len(batch["y"]), dtype=torch.bool)
-            if not rows.any():
-                continue
-            mu, p = _mu_and_proba(net, batch["x"][rows].to(acc.device))
-            mus.append(mu), probs.append(p), ys.append(batch["y"][rows].to(acc.device))
-    (mu_l, _, y_l), (mu_u, p_u, _) = ([torch.cat(t) for t in parts[s]] for s in ("labelled", "unlabelled"))
-    return GraphMemory.build(mu_l, y_l, mu_u, p_u, cfg.model.graph_neighbours, cfg.model.graph_smoothing)
+    """model.graph_smoothing's graph of the labelled rows and model.graph_pool unlabelled rows, encoded by the
+    weights in the model now. Every rank reads and encodes the same rows itself (no collective), so every rank
+    builds the same graph."""
+    cfg, acc, mc = run.cfg, run.state.acc, run.cfg.model
+    read = lambda split: data.eval_batches(run.url, split, batch_size=cfg.data.eval_batch,  # noqa: E731
+                                           num_workers=cfg.data.workers)
+    pool_rows = data.read_manifest(run.url)["splits"]["unlabelled"]["count"]
+    return GraphMemory.from_batches(lambda x: encode(run.state.net, x), read("labelled"), read("unlabelled"),
+                                    pool_rows, mc.graph_pool, cfg.train.seed, mc.graph_neighbours, mc.graph_smoothing,
+                                    acc.device)
 
 
 def evaluate_and_keep_best(run: Run, done: int) -> None:

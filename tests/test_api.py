@@ -126,6 +126,27 @@ def test_predict_matches_the_training_runs_test_accuracy(model, trained):
     assert acc > 0.5  # 300 steps on 100 labels: well above chance (0.1)
 
 
+def test_a_graph_smoothed_model_predicts_as_its_evaluation_scored_and_exports_its_graph(digits_shards, tmp_path):
+    out = tmp_path / "graph"
+    run_train(["--config", DIGITS, *TINY, f"data.shards={digits_shards}", f"train.out_dir={out}", "train.steps=40",
+               "train.select=final", "train.cpu_threads=1", "model.graph_smoothing=0.9", "model.graph_pool=400"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    smoothed = ssl_ebm.load(str(out / "checkpoints" / "step-000040"), allow_pickle=True)
+    assert smoothed.graph is not None and len(smoothed.graph.mu_NZ) == 400 + 100  # the pool and the 100 labels
+    x, y = raw_digits(digits_shards, "test")
+    acc = (smoothed.predict(x) == torch.as_tensor(y)).float().mean().item()
+    assert acc == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+    prior_only = (smoothed.net.predict_proba(smoothed.to_model_units(x)).argmax(1) == torch.as_tensor(y))
+    assert prior_only.float().mean().item() == pytest.approx(metrics["test"]["prior_accuracy"], abs=1e-6)
+    exported = api.export(smoothed, str(tmp_path / "exported"))
+    assert (tmp_path / "exported" / api.GRAPH).is_file()
+    torch.testing.assert_close(ssl_ebm.load(exported).predict_proba(x), smoothed.predict_proba(x), rtol=0, atol=0)
+    (tmp_path / "moved").mkdir()  # the manifest without its shards: the normalisation is there, the rows are not
+    (tmp_path / "moved" / "manifest.json").write_text((Path(digits_shards) / "manifest.json").read_text())
+    with pytest.raises(api.ModelError, match="graph smoothing .* pass shards=URL"):
+        ssl_ebm.load(str(out / "checkpoints" / "step-000040"), allow_pickle=True, shards=str(tmp_path / "moved"))
+
+
 def test_encode_applies_the_manifest_normalisation(model, trained):
     x, _ = raw_digits(trained[2], "test")
     mu, logvar = model.encode(x)
