@@ -17,6 +17,9 @@ For the run's final (or named) checkpoint and its shards, on the validation spli
                    teaches f balanced classes; the pool's shares are estimated by EM on softmax f(mu(x))
                    (Saerens et al. 2002; labels unused) and f + log(pool share / labelled share) is scored.
                    If it beats f(mu), the classifier's class prior, not its boundaries, is what falls short
+    f(mu)+graph    f(mu) smoothed over a graph of the labelled rows and the pool in mu-space (ssl_ebm/graph.py),
+                   with the run's model.graph_smoothing or, where that is off, --graph-alpha: what graph
+                   smoothing would give this run's weights
 Prints one JSON line; --json appends it to a file.
 """
 
@@ -40,6 +43,7 @@ import baselines as BL  # launch/baselines.py
 from ssl_ebm import config as C
 from ssl_ebm import data
 from ssl_ebm.checkpoint import CheckpointStore, load_weights
+from ssl_ebm.graph import GraphMemory, encode
 from ssl_ebm.langevin import langevin
 from ssl_ebm.model import LatentEBM
 
@@ -70,7 +74,19 @@ def em_class_shares(p_NK: np.ndarray, labelled_share_K: np.ndarray, iterations: 
     return share
 
 
-def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
+def graph_accuracy(net, cfg, alpha: float) -> float:
+    """Validation accuracy of f(mu) smoothed over the graph training's evaluation would build (same rows)."""
+    mc, url = cfg.model, cfg.data.shards
+    read = lambda split: data.eval_batches(url, split, batch_size=cfg.data.eval_batch)  # noqa: E731
+    with torch.no_grad():
+        memory = GraphMemory.from_batches(lambda x: encode(net, x), read("labelled"), read("unlabelled"),
+                                          data.read_manifest(url)["splits"]["unlabelled"]["count"], mc.graph_pool,
+                                          cfg.train.seed, mc.graph_neighbours, alpha)
+        right = [(memory.proba(*encode(net, b["x"])).argmax(1) == b["y"]).sum().item() for b in read("val")]
+    return sum(right) / data.read_manifest(url)["splits"]["val"]["count"]
+
+
+def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float = 0.9) -> dict:
     cfg = C.from_dict(C.Config, yaml.safe_load(Path(run, "config.yaml").read_text()))
     store = CheckpointStore(f"{run}/checkpoints")
     name = checkpoint or store.latest("step")  # the newest complete step-* checkpoint: the final weights
@@ -101,6 +117,7 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0) -> dict:
     return {"run": run, "checkpoint": name,
             "f(mu)": float((logits_v.argmax(-1).numpy() == y_v).mean()),
             "f(mu)+em": float((em_logits.argmax(-1) == y_v).mean()), "em_share": pool_share.round(4).tolist(),
+            "f(mu)+graph": graph_accuracy(net, cfg, cfg.model.graph_smoothing or graph_alpha),
             "lr(mu)": _lr_cv(mu_l, y_l, mu_v, y_v, seed), "lr(x)": _lr_cv(x_l, y_l, x_v, y_v, seed),
             "knn(mu)": _knn_loo(mu_v, y_v), "knn(x)": _knn_loo(x_v, y_v),
             "F_by_class": [round(float(F_v[y_v == k].mean()), 3) for k in range(K) if (y_v == k).any()],
@@ -115,10 +132,12 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run folders (train.out_dir)")
     p.add_argument("--checkpoint", default="", help="checkpoint name (default: the newest complete one)")
     p.add_argument("--json", default="", help="append each result line to this file")
+    p.add_argument("--graph-alpha", type=float, default=0.9,
+                   help="f(mu)+graph's spreading weight where the run's model.graph_smoothing is 0")
     a = p.parse_args(argv)
     for run in a.runs:
         try:
-            out = diagnose(run.rstrip("/"), a.checkpoint)
+            out = diagnose(run.rstrip("/"), a.checkpoint, graph_alpha=a.graph_alpha)
         except (data.DataError, C.ConfigError, OSError) as e:
             print(f"error: {run}: {e}", file=sys.stderr)
             return 2

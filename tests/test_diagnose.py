@@ -26,3 +26,21 @@ def test_em_recovers_the_class_shares_of_a_shifted_pool():
     assert abs(p.mean(0)[1] - 0.2) > 0.05
     # A pool on which the classifier is undecided everywhere: the labelled shares stay.
     np.testing.assert_allclose(em_class_shares(np.full((10, 2), 0.5), np.array([0.5, 0.5])), [0.5, 0.5])
+
+
+def test_diagnose_scores_the_run_as_its_validation_pass_did(digits_shards, tmp_path):
+    """On a run trained with graph smoothing and one validation pass at its end (best = final weights):
+    f(mu) is that pass's softmax f(mu) alone, f(mu)+graph the smoothed figure it was selected by."""
+    import json
+
+    from conftest import TINY, run_train
+    from diagnose import diagnose
+
+    out = tmp_path / "run"
+    run_train(["--config", str(REPO / "configs" / "digits.yaml"), *TINY, f"data.shards={digits_shards}",
+               f"train.out_dir={out}", "train.steps=20", "train.eval_every=20", "train.cpu_threads=1",
+               "model.graph_smoothing=0.9", "model.graph_pool=300"])
+    val = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if "val_accuracy" in line][-1]
+    res = diagnose(str(out), "step-000020")
+    assert abs(res["f(mu)+graph"] - val["val_accuracy"]) < 1e-6
+    assert abs(res["f(mu)"] - val["val_prior_accuracy"]) < 1e-6
