@@ -103,21 +103,18 @@ def run_eval(run: Run, split: str, averaged: bool = True) -> dict:
     weights in the model as they are: the teardown's, loaded from a best-* that already holds the average)."""
     acc, net, cfg = run.state.acc, run.state.net, run.cfg
     net.eval()
-    batches = data.eval_batches(run.url, split, batch_size=cfg.data.eval_batch, rank=acc.process_index,
-                                world_size=acc.num_processes, num_workers=cfg.data.workers)
+    batches = lambda: data.eval_batches(run.url, split, batch_size=cfg.data.eval_batch,  # noqa: E731
+                                        rank=acc.process_index, world_size=acc.num_processes,
+                                        num_workers=cfg.data.workers)
     weights = run.state.averaged() if averaged else contextlib.nullcontext()
-    smooth = run.ebm and cfg.model.graph_smoothing > 0
     with weights, acc.autocast(), runtime.full_params(acc, net):
-        if not smooth:
-            out = evaluate(net.predict_logits, batches, cfg.model.num_classes, acc.device)
-        else:
+        out = evaluate(net.predict_logits, batches(), cfg.model.num_classes, acc.device)
+        if run.ebm and cfg.model.graph_smoothing > 0:  # the smoothed prediction is the score; f(mu) alone beside it
             memory = graph_memory(run)
-            out = evaluate(lambda x: memory.proba(*encode(net, x)).log(), batches, cfg.model.num_classes,
+            prior_accuracy = out.get("accuracy")
+            out = evaluate(lambda x: memory.proba(*encode(net, x)).log(), batches(), cfg.model.num_classes,
                            acc.device)
-            prior_only = evaluate(net.predict_logits, data.eval_batches(
-                run.url, split, batch_size=cfg.data.eval_batch, rank=acc.process_index,
-                world_size=acc.num_processes, num_workers=cfg.data.workers), cfg.model.num_classes, acc.device)
-            out["prior_accuracy"] = prior_only.get("accuracy")  # softmax f(mu) alone, for comparison
+            out["prior_accuracy"] = prior_accuracy
     net.train()
     return out
 
