@@ -98,11 +98,12 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float =
     x_v, y_v = BL.read_split(url, "val")
     x_u, _ = BL.read_split(url, "unlabelled")  # its labels are not used
     K = cfg.model.num_classes
+    as_input = lambda x: torch.from_numpy(x).float().reshape(len(x), *cfg.model.x_shape)  # noqa: E731 - images too
     with torch.no_grad():
-        p_u = np.concatenate([torch.softmax(net.predict_logits(torch.from_numpy(x).float()).double(), -1).numpy()
+        p_u = np.concatenate([torch.softmax(net.predict_logits(as_input(x)).double(), -1).numpy()
                               for x in np.array_split(x_u, max(1, len(x_u) // 4096))])  # a pool of images fits too
-        mu_l = net.encoder(torch.from_numpy(x_l).float())[0].numpy()
-        mu_v_t = net.encoder(torch.from_numpy(x_v).float())[0]
+        mu_l = net.encoder(as_input(x_l))[0].numpy()
+        mu_v_t = net.encoder(as_input(x_v))[0]
         logits_v = net.prior(mu_v_t)
         F_v = torch.logsumexp(logits_v, -1).numpy()
         mu_v = mu_v_t.numpy()
