@@ -7,7 +7,7 @@
     z = model.sample(16, y=3)         # 16 latents of class 3 (Langevin on f_3(z) - |z|^2 / (2 sigma0^2))
     x = model.generate(z)             # back in the data's own units
     model.score(x_new)                # out-of-distribution scores (higher = less like the training data)
-    ssl_ebm.export(model, "s3://bucket/models/digits")  # config + manifest + model.safetensors
+    ssl_ebm.export(model, "s3://bucket/models/digits")  # config + manifest + model.safetensors (+ graph.safetensors)
 
 Inputs are tensors or arrays in the units of the source data: images as pixels (N, H, W[, C]) in
 0..255, vectors as the raw features (standardised here with the training shards' mean and std), text
@@ -97,9 +97,14 @@ def load(url: str, *, allow_pickle: bool = False, shards: str = "", device: str 
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise ModelError(f"{url}/{WEIGHTS} is not a readable safetensors file ({e}); export the model again") from None
         graph = None
-        if fs.exists(f"{root}/{GRAPH}"):
-            graph = GraphMemory.from_state_dict(load_safetensors(_read(fs, f"{root}/{GRAPH}", url, GRAPH)),
-                                                cfg.model.graph_neighbours, cfg.model.graph_smoothing)
+        if cfg.model.graph_smoothing > 0 and cfg.train.method == "ebm":  # the graph its prediction reads
+            try:
+                graph = GraphMemory.from_state_dict(load_safetensors(_read(fs, f"{root}/{GRAPH}", url, GRAPH)),
+                                                    cfg.model.graph_neighbours, cfg.model.graph_smoothing)
+            except ModelError:
+                raise
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; a key may be missing
+                raise ModelError(f"{url}/{GRAPH} is not a readable graph ({e}); export the model again") from None
         return Model(_build(cfg, weights, url), cfg, manifest, device, graph=graph)
     if fs.exists(f"{root}/model.pt") or (fs.exists(root) and not fs.isdir(root)):
         what = f"{url}/model.pt" if fs.exists(f"{root}/model.pt") else url

@@ -141,6 +141,9 @@ def test_a_graph_smoothed_model_predicts_as_its_evaluation_scored_and_exports_it
     exported = api.export(smoothed, str(tmp_path / "exported"))
     assert (tmp_path / "exported" / api.GRAPH).is_file()
     torch.testing.assert_close(ssl_ebm.load(exported).predict_proba(x), smoothed.predict_proba(x), rtol=0, atol=0)
+    (tmp_path / "exported" / api.GRAPH).unlink()  # never f alone in silence where the model was scored smoothed
+    with pytest.raises(api.ModelError, match="graph.safetensors is missing"):
+        ssl_ebm.load(exported)
     (tmp_path / "moved").mkdir()  # the manifest without its shards: the normalisation is there, the rows are not
     (tmp_path / "moved" / "manifest.json").write_text((Path(digits_shards) / "manifest.json").read_text())
     with pytest.raises(api.ModelError, match="graph smoothing .* pass shards=URL"):
