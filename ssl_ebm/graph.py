@@ -65,11 +65,13 @@ class GraphMemory:
     @classmethod
     def build(cls, mu_LZ: torch.Tensor, y_L: torch.Tensor, mu_UZ: torch.Tensor, p_UK: torch.Tensor,
               neighbours: int = 10, alpha: float = 0.9, iterations: int = 30) -> "GraphMemory":
-        """From the labelled rows (mu, labels) and the pool (mu, softmax f(mu))."""
-        if len(mu_LZ) + len(mu_UZ) <= neighbours:
-            raise ValueError(f"graph smoothing needs more than model.graph_neighbours={neighbours} rows; "
-                             f"got {len(mu_LZ)} labelled and {len(mu_UZ)} unlabelled")
-        K = p_UK.shape[1]
+        """From the labelled rows (mu, labels) and the pool (mu, softmax f(mu)). With fewer rows than
+        `neighbours` + 1 (a small fit whose every row is labelled: no pool), each row reads all the others."""
+        N, K = len(mu_LZ) + len(mu_UZ), p_UK.shape[1]
+        if N < 2:
+            raise ValueError(f"graph smoothing needs at least 2 rows; got {len(mu_LZ)} labelled and "
+                             f"{len(mu_UZ)} unlabelled")
+        neighbours = min(neighbours, N - 1)
         mu_NZ = torch.cat([mu_LZ, mu_UZ]).float()
         start_NK = torch.cat([torch.nn.functional.one_hot(y_L.long(), K).to(p_UK.dtype), p_UK]).double()
         y_NK = spread(knn(mu_NZ, mu_NZ, neighbours, exclude_self=True), start_NK, len(mu_LZ), alpha, iterations)
@@ -94,10 +96,12 @@ class GraphMemory:
                 if rows.any():
                     mu, p = encode(batch["x"][rows].to(device))
                     mus.append(mu.float()), probs.append(p.float()), ys.append(batch["y"][rows].to(mu.device))
-            if not mus:
-                raise ValueError(f"graph smoothing found no {'unlabelled' if choose else 'labelled'} rows")
-            parts.append((torch.cat(mus), torch.cat(probs), torch.cat(ys)))
-        (mu_l, _, y_l), (mu_u, p_u, _) = parts
+            parts.append((mus, probs, ys))
+        if not parts[0][0] and not parts[1][0]:
+            raise ValueError("graph smoothing found neither labelled nor unlabelled rows")
+        like = next(p for p in parts if p[0])  # an empty split (no pool: a fit whose every row is labelled; or no
+        (mu_l, _, y_l), (mu_u, p_u, _) = (  # labels) takes the other's widths
+            [torch.cat(t) for t in part] if part[0] else [t[0][:0] for t in like] for part in parts)
         return cls.build(mu_l, y_l, mu_u, p_u, neighbours, alpha)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

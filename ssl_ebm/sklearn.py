@@ -398,7 +398,8 @@ def model_files(model: api.Model) -> dict[str, bytes]:
     api.export(model, url)
     fs, root = fsspec.core.url_to_fs(url)
     try:
-        return {name: fs.cat_file(f"{root}/{name}") for name in (api.CONFIG, api.MANIFEST, api.WEIGHTS)}
+        return {name: fs.cat_file(f"{root}/{name}") for name in (api.CONFIG, api.MANIFEST, api.WEIGHTS, api.GRAPH)
+                if fs.exists(f"{root}/{name}")}
     finally:
         fs.rm(root, recursive=True)
 

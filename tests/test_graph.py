@@ -59,6 +59,21 @@ def test_memory_corrects_f_where_the_cluster_disagrees_and_keeps_f_class_shares(
     assert torch.equal(q.argmax(1), y_new), "the graph puts those rows with their cluster"
 
 
-def test_memory_needs_more_rows_than_neighbours():
-    with pytest.raises(ValueError, match="graph_neighbours=10"):
-        GraphMemory.build(torch.zeros(3, 2), torch.zeros(3), torch.zeros(4, 2), torch.full((4, 2), 0.5))
+def test_memory_needs_two_rows():
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        GraphMemory.build(torch.zeros(1, 2), torch.zeros(1), torch.zeros(0, 2), torch.full((0, 2), 0.5))
+
+
+def test_a_fit_without_a_pool_or_with_few_rows_reads_the_rows_it_has():
+    """Every row labelled (no pool): the graph is the labelled rows, each new row reads them all when there are
+    fewer than the neighbours asked for."""
+    mu = torch.tensor([[-2.0, 0.0], [-2.1, 0.1], [2.0, 0.0], [2.1, -0.1]])
+    y = torch.tensor([0, 0, 1, 1])
+    batches = [{"x": mu, "y": y, "idx": torch.arange(4)}]
+    mem = GraphMemory.from_batches(lambda x: (x, torch.full((len(x), 2), 0.5)), batches, [], pool_rows=0,
+                                   pool_size=100, seed=0, neighbours=10, alpha=0.9)
+    assert mem.neighbours == 3 and len(mem.mu_NZ) == 4 and torch.equal(mem.weight_K, torch.ones(2, dtype=torch.double))
+    q = mem.proba(torch.tensor([[-1.9, 0.0], [1.9, 0.0]]), torch.full((2, 2), 0.5))
+    assert q.argmax(1).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="neither labelled nor unlabelled"):
+        GraphMemory.from_batches(lambda x: (x, x), [], [], 0, 10, 0, 10, 0.9)
