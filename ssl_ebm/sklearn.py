@@ -69,6 +69,7 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, c
 from ssl_ebm import api, runtime
 from ssl_ebm import config as C
 from ssl_ebm.checkpoint import CheckpointStore
+from ssl_ebm.graph import encode
 
 REPO = Path(__file__).resolve().parents[1]
 TABULAR_DEFAULTS = REPO / "configs" / "tabular.yaml"  # the shared tabular defaults, read at every fit
@@ -209,7 +210,8 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ prediction
     def predict_proba(self, X) -> np.ndarray:
-        """p(y | x) = softmax(f(mu(x))), (N, K), columns in the order of classes_. The rows are encoded as the
+        """p(y | x) = softmax(f(mu(x))), (N, K), columns in the order of classes_; smoothed over the fit's graph
+        where the defaults turn graph smoothing on (model.graph_smoothing), as the API's Model predicts. The rows are encoded as the
         shards were (Model.to_model_units of a table's rows) and go through the nets in batches of one size,
         padded: float32 matrix products differ in their last bits with the number of rows, and a row should get
         the same probabilities alone as among others."""
@@ -221,7 +223,10 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
                 x = self.model_.to_model_units(frame.iloc[i:i + step])
                 padded = torch.zeros((step, *x.shape[1:]), dtype=x.dtype, device=x.device)
                 padded[:len(x)] = x
-                parts.append(self.model_.net.predict_proba(padded)[:len(x)].double().cpu())
+                graph = self.model_.graph
+                proba = graph.proba(*encode(self.model_.net, padded)) if graph is not None \
+                    else self.model_.net.predict_proba(padded)
+                parts.append(proba[:len(x)].double().cpu())
         proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(self.classes_)))
         return proba / proba.sum(axis=1, keepdims=True)  # rows sum to 1 in float64, not only in float32
 

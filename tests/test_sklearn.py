@@ -69,6 +69,19 @@ def test_the_shards_hold_exactly_the_labelled_rows_and_no_validation_or_test(tmp
     assert manifest["source"]["feature_names"] == ["a", "b", "c", "d"]
 
 
+def test_it_predicts_as_its_model_with_the_shared_defaults_graph_smoothing():
+    """configs/tabular.yaml turns graph smoothing on: the fit's Model holds the graph of its rows, and the
+    classifier's probabilities are the Model's (not softmax f(mu) alone)."""
+    x, y = blobs(seed=4)
+    clf = LatentEBMClassifier(**FAST).fit(x, np.where(np.arange(len(y)) % 10 == 0, y, -1))
+    graph = clf.model_.graph
+    assert graph is not None and graph.alpha == clf.model_.cfg.model.graph_smoothing > 0
+    assert len(graph.mu_NZ) == len(x)  # the labelled rows and every unlabelled one (fewer than graph_pool)
+    np.testing.assert_allclose(clf.predict_proba(x), clf.model_.predict_proba(x).double().numpy(), atol=1e-6)
+    alone = clf.model_.net.predict_proba(clf.model_.to_model_units(x)).detach().double().numpy()
+    assert np.abs(clf.predict_proba(x) - alone).max() > 1e-3
+
+
 def test_any_hashable_labels_and_unlabelled_rows():
     """Strings (with "-1" unlabelled), objects (with the int -1 unlabelled, as SelfTrainingClassifier takes them)
     and ints: classes_ come from the labelled rows, predictions are labels, score leaves the -1 rows out."""
