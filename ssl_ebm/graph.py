@@ -8,8 +8,9 @@ labelled rows held at their labels, carries that structure into the prediction; 
 restores f's class shares on the pool, so that spreading does not tilt the class prior (what cost the
 20-label binary tables when labels alone were spread).
 
-A new row x is classified inductively: its k nearest pool rows in mu-space, averaged, mixed with its own
-softmax f(mu(x)):  q(y|x) = w_y [alpha mean_{n in kNN(mu(x))} Y_n,y + (1 - alpha) softmax f(mu(x))_y].
+A new row x is classified inductively (it never changes the graph): the smoothed labels Y of its k nearest
+graph rows in mu-space, averaged, mixed with its own softmax f(mu(x)), reweighted by the class-mass weights w:
+    q(y|x) ∝ w_y [alpha mean_{n in kNN(mu(x))} Y_n,y + (1 - alpha) softmax f(mu(x))_y].
 
 Legend: N graph rows (the labelled rows first, then the pool), L labelled rows, B a batch, Z latent size,
 K classes, k neighbours.
