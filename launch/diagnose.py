@@ -18,7 +18,7 @@ For the run's final (or named) checkpoint and its shards, on the validation spli
                    (Saerens et al. 2002; labels unused) and f + log(pool share / labelled share) is scored.
                    If it beats f(mu), the classifier's class prior, not its boundaries, is what falls short
     f(mu)+graph    f(mu) smoothed over a graph of the labelled rows and the pool in mu-space (ssl_ebm/graph.py),
-                   with the run's model.graph_smoothing or, where that is off, --graph-alpha: what graph
+                   with --graph-alpha, else the run's model.graph_smoothing, else 0.9: what graph
                    smoothing would give this run's weights
 Prints one JSON line; --json appends it to a file.
 """
@@ -86,7 +86,7 @@ def graph_accuracy(net, cfg, alpha: float) -> float:
     return sum(right) / data.read_manifest(url)["splits"]["val"]["count"]
 
 
-def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float = 0.9) -> dict:
+def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float | None = None) -> dict:
     cfg = C.from_dict(C.Config, yaml.safe_load(Path(run, "config.yaml").read_text()))
     store = CheckpointStore(f"{run}/checkpoints")
     name = checkpoint or store.latest("step")  # the newest complete step-* checkpoint: the final weights
@@ -118,7 +118,8 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float =
     return {"run": run, "checkpoint": name,
             "f(mu)": float((logits_v.argmax(-1).numpy() == y_v).mean()),
             "f(mu)+em": float((em_logits.argmax(-1) == y_v).mean()), "em_share": pool_share.round(4).tolist(),
-            "f(mu)+graph": graph_accuracy(net, cfg, cfg.model.graph_smoothing or graph_alpha),
+            "f(mu)+graph": graph_accuracy(net, cfg, graph_alpha or cfg.model.graph_smoothing or 0.9),
+            "graph_alpha": graph_alpha or cfg.model.graph_smoothing or 0.9,
             "lr(mu)": _lr_cv(mu_l, y_l, mu_v, y_v, seed), "lr(x)": _lr_cv(x_l, y_l, x_v, y_v, seed),
             "knn(mu)": _knn_loo(mu_v, y_v), "knn(x)": _knn_loo(x_v, y_v),
             "F_by_class": [round(float(F_v[y_v == k].mean()), 3) for k in range(K) if (y_v == k).any()],
@@ -133,8 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run folders (train.out_dir)")
     p.add_argument("--checkpoint", default="", help="checkpoint name (default: the newest complete one)")
     p.add_argument("--json", default="", help="append each result line to this file")
-    p.add_argument("--graph-alpha", type=float, default=0.9,
-                   help="f(mu)+graph's spreading weight where the run's model.graph_smoothing is 0")
+    p.add_argument("--graph-alpha", type=float, default=None,
+                   help="f(mu)+graph's spreading weight (default: the run's model.graph_smoothing, else 0.9)")
     a = p.parse_args(argv)
     for run in a.runs:
         try:
