@@ -76,14 +76,14 @@ def em_class_shares(p_NK: np.ndarray, labelled_share_K: np.ndarray, iterations: 
 
 def graph_accuracy(net, cfg, alpha: float) -> float:
     """Validation accuracy of f(mu) smoothed over the graph training's evaluation would build (same rows)."""
-    mc, url = cfg.model, cfg.data.shards
-    read = lambda split: data.eval_batches(url, split, batch_size=cfg.data.eval_batch)  # noqa: E731
+    url = cfg.data.shards
+    right = count = 0
     with torch.no_grad():
-        memory = GraphMemory.from_batches(lambda x: encode(net, x), read("labelled"), read("unlabelled"),
-                                          data.read_manifest(url)["splits"]["unlabelled"]["count"], mc.graph_pool,
-                                          cfg.train.seed, mc.graph_neighbours, alpha)
-        right = [(memory.proba(*encode(net, b["x"])).argmax(1) == b["y"]).sum().item() for b in read("val")]
-    return sum(right) / data.read_manifest(url)["splits"]["val"]["count"]
+        memory = GraphMemory.from_shards(net, url, cfg, alpha=alpha)
+        for b in data.eval_batches(url, "val", batch_size=cfg.data.eval_batch):
+            right += (memory.proba(*encode(net, b["x"])).argmax(1) == b["y"]).sum().item()
+            count += len(b["y"])
+    return right / count
 
 
 def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float | None = None) -> dict:

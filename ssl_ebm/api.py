@@ -161,12 +161,8 @@ def _load_checkpoint(url: str, shards: str, device) -> "Model":
     graph = None
     if cfg.model.graph_smoothing > 0 and cfg.train.method == "ebm":  # rebuilt as training's evaluation built it
         try:
-            read = lambda split: data.eval_batches(shards, split, batch_size=cfg.data.eval_batch)  # noqa: E731
             with torch.no_grad():
-                graph = GraphMemory.from_batches(
-                    lambda x: encode(net.to(device), x), read("labelled"), read("unlabelled"),
-                    data.read_manifest(shards)["splits"]["unlabelled"]["count"], cfg.model.graph_pool,
-                    cfg.train.seed, cfg.model.graph_neighbours, cfg.model.graph_smoothing, device)
+                graph = GraphMemory.from_shards(net.to(device), shards, cfg, device)
         except (data.DataError, KeyError, ValueError) as e:
             raise ModelError(f"{url}: this model predicts with graph smoothing (model.graph_smoothing), built from "
                              f"its training shards' labelled and unlabelled rows, which cannot be read at {shards}: "
@@ -354,10 +350,13 @@ class Model:
     def predict_proba(self, x) -> torch.Tensor:
         """p(y | x) = softmax(f(mu(x))), (N, K) (eq. 12 with q(z|x) replaced by its mean); for a model trained
         with model.graph_smoothing, that smoothed over the training pool's graph, as its evaluation scored it."""
+        return self._cat([self.proba_of(b).float().cpu() for b in self._batches(x)], self.num_classes)
+
+    def proba_of(self, x_model: torch.Tensor) -> torch.Tensor:
+        """predict_proba of rows already in model units on the device: softmax f(mu), or its graph smoothing."""
         if self.graph is not None:
-            return self._cat([self.graph.proba(*encode(self.net, b)).float().cpu() for b in self._batches(x)],
-                             self.num_classes)
-        return self._cat([self.net.predict_proba(b).cpu() for b in self._batches(x)], self.num_classes)
+            return self.graph.proba(*encode(self.net, x_model))
+        return self.net.predict_proba(x_model)
 
     def predict(self, x) -> torch.Tensor:
         """argmax_y f_y(mu(x)), (N,) class indices (names: self.class_names)."""

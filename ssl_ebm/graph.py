@@ -81,12 +81,12 @@ class GraphMemory:
         return cls(mu_NZ, y_NK, weight_K.double(), neighbours, alpha)
 
     @classmethod
-    def from_batches(cls, encode: Callable, labelled: Iterable[dict], unlabelled: Iterable[dict], pool_rows: int,
+    def from_batches(cls, encode_fn: Callable, labelled: Iterable[dict], unlabelled: Iterable[dict], pool_rows: int,
                      pool_size: int, seed: int, neighbours: int, alpha: float, device=None) -> "GraphMemory":
         """From one pass over the labelled split and one over the unlabelled split ({"x", "y", "idx"} batches, as
         data.eval_batches gives): every labelled row and pool_size of the pool_rows unlabelled ones (a random
         choice fixed by `seed`, so that whoever builds it from the same shards and weights builds the same graph).
-        encode(x) -> (mu_BZ, softmax f(mu) p_BK)."""
+        encode_fn(x) -> (mu_BZ, softmax f(mu) p_BK)."""
         keep = torch.zeros(pool_rows, dtype=torch.bool)
         keep[torch.randperm(pool_rows, generator=torch.Generator().manual_seed(seed))[:pool_size]] = True
         parts = []
@@ -95,7 +95,7 @@ class GraphMemory:
             for batch in batches:
                 rows = keep[batch["idx"]] if choose else torch.ones(len(batch["y"]), dtype=torch.bool)
                 if rows.any():
-                    mu, p = encode(batch["x"][rows].to(device))
+                    mu, p = encode_fn(batch["x"][rows].to(device))
                     mus.append(mu.float()), probs.append(p.float()), ys.append(batch["y"][rows].to(mu.device))
             parts.append((mus, probs, ys))
         if not parts[0][0] and not parts[1][0]:
@@ -104,6 +104,23 @@ class GraphMemory:
         (mu_l, _, y_l), (mu_u, p_u, _) = (  # labels) takes the other's widths
             [torch.cat(t) for t in part] if part[0] else [t[0][:0] for t in like] for part in parts)
         return cls.build(mu_l, y_l, mu_u, p_u, neighbours, alpha)
+
+    @classmethod
+    def from_shards(cls, net, url: str, cfg, device=None, alpha: float | None = None,
+                    num_workers: int = 0) -> "GraphMemory":
+        """model.graph_smoothing's graph for `net` from the shards at `url` (cfg: the run's Config): its labelled
+        split and cfg.model.graph_pool rows of its unlabelled split, chosen by cfg.train.seed; `alpha` overrides
+        cfg.model.graph_smoothing. Whoever calls it with the same shards and weights (training's evaluation on
+        every rank, ssl_ebm.load, launch/diagnose.py) builds the same graph."""
+        from ssl_ebm import data  # the shard reader; the rest of this module is torch alone
+
+        mc = cfg.model
+        read = lambda split: data.eval_batches(url, split, batch_size=cfg.data.eval_batch,  # noqa: E731
+                                               num_workers=num_workers)
+        return cls.from_batches(lambda x: encode(net, x), read("labelled"), read("unlabelled"),
+                                data.read_manifest(url)["splits"]["unlabelled"]["count"], mc.graph_pool,
+                                cfg.train.seed, mc.graph_neighbours, mc.graph_smoothing if alpha is None else alpha,
+                                device)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"mu_NZ": self.mu_NZ.cpu().contiguous(), "y_NK": self.y_NK.cpu().contiguous(),

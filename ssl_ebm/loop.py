@@ -110,27 +110,13 @@ def run_eval(run: Run, split: str, averaged: bool = True) -> dict:
     with weights, acc.autocast(), runtime.full_params(acc, net):
         out = evaluate(net.predict_logits, batches(), cfg.model.num_classes, acc.device)
         if run.ebm and cfg.model.graph_smoothing > 0:  # the smoothed prediction is the score; f(mu) alone beside it
-            memory = graph_memory(run)
+            memory = GraphMemory.from_shards(net, run.url, cfg, acc.device, num_workers=cfg.data.workers)
             prior_accuracy = out.get("accuracy")
             out = evaluate(lambda x: memory.proba(*encode(net, x)).log(), batches(), cfg.model.num_classes,
                            acc.device)
             out["prior_accuracy"] = prior_accuracy
     net.train()
     return out
-
-
-@torch.no_grad()
-def graph_memory(run: Run) -> GraphMemory:
-    """model.graph_smoothing's graph of the labelled rows and model.graph_pool unlabelled rows, encoded by the
-    weights in the model now. Every rank reads and encodes the same rows itself (no collective), so every rank
-    builds the same graph."""
-    cfg, acc, mc = run.cfg, run.state.acc, run.cfg.model
-    read = lambda split: data.eval_batches(run.url, split, batch_size=cfg.data.eval_batch,  # noqa: E731
-                                           num_workers=cfg.data.workers)
-    pool_rows = data.read_manifest(run.url)["splits"]["unlabelled"]["count"]
-    return GraphMemory.from_batches(lambda x: encode(run.state.net, x), read("labelled"), read("unlabelled"),
-                                    pool_rows, mc.graph_pool, cfg.train.seed, mc.graph_neighbours, mc.graph_smoothing,
-                                    acc.device)
 
 
 def evaluate_and_keep_best(run: Run, done: int) -> None:

@@ -69,7 +69,6 @@ from sklearn.utils.validation import check_consistent_length, check_is_fitted, c
 from ssl_ebm import api, runtime
 from ssl_ebm import config as C
 from ssl_ebm.checkpoint import CheckpointStore
-from ssl_ebm.graph import encode
 
 REPO = Path(__file__).resolve().parents[1]
 TABULAR_DEFAULTS = REPO / "configs" / "tabular.yaml"  # the shared tabular defaults, read at every fit
@@ -223,10 +222,7 @@ class LatentEBMClassifier(ClassifierMixin, BaseEstimator):
                 x = self.model_.to_model_units(frame.iloc[i:i + step])
                 padded = torch.zeros((step, *x.shape[1:]), dtype=x.dtype, device=x.device)
                 padded[:len(x)] = x
-                graph = self.model_.graph
-                proba = graph.proba(*encode(self.model_.net, padded)) if graph is not None \
-                    else self.model_.net.predict_proba(padded)
-                parts.append(proba[:len(x)].double().cpu())
+                parts.append(self.model_.proba_of(padded)[:len(x)].double().cpu())
         proba = torch.cat(parts).numpy() if parts else np.zeros((0, len(self.classes_)))
         return proba / proba.sum(axis=1, keepdims=True)  # rows sum to 1 in float64, not only in float32
 
