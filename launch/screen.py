@@ -13,6 +13,12 @@ candidate's per-table and mean validation accuracy are appended to <work>/screen
 again). Shards are those of
 launch/reproduce.py (runs/reproduce/<table>/seed<s>/shards), built if missing.
 
+The network baselines are screened the same way (`--method vat` or `--method pi`): launch/baselines.py's run
+at the realistic protocol's fixed settings, `--settings` merged over them, scored by the validation accuracy of
+its final weights. A change to ours that a baseline shares (the VAT radius, say) is offered to the baseline too:
+
+    python launch/screen.py --method vat --name vat_eps005 --settings '{"eps": 0.05}'
+
 A run that fails (the watchdog giving up on a diverging prior, say) is a failure of the candidate, not of the
 screen: it is recorded under "failed" (table, seed, the error's last line), the other runs go on, and the
 candidate's means cover the runs that finished; a candidate with a failed run is not one to adopt.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,9 +38,52 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "launch"))
 
+import baselines as BL  # launch/baselines.py
 import reproduce as R  # launch/reproduce.py
 from shards import make
 from ssl_ebm import config as C
+
+
+def baseline_settings(method: str, text: str) -> dict | None:
+    """A network baseline's settings for the screen: its realistic FIXED ones with `text` (JSON) merged over
+    them; None for ours and the supervised-only twin."""
+    if method not in BL.NEURAL:
+        if text:
+            raise ValueError(f"--settings is for --method {' or '.join(BL.NEURAL)}, not {method}")
+        return None
+    try:
+        extra = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--settings {text!r} is not JSON ({e}); e.g. '{{\"eps\": 0.05}}'") from None
+    unknown = sorted(set(extra) - set(BL.FIXED[method])) if isinstance(extra, dict) else ["(not an object)"]
+    if unknown:
+        raise ValueError(f"--settings: unknown {method} setting(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(BL.FIXED[method])}")
+    return {**BL.FIXED[method], **extra}
+
+
+def baseline_run(method: str, settings: dict, config: str, overrides: list[str], out: Path, url: str,
+                 seed: int) -> dict:
+    """One baseline run through launch/baselines.py (its output, which names the test figure, is not shown):
+    {"val_accuracy", "best_step"} of the final weights. A finished run with the same command and settings is
+    read back."""
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = out / "settings.json"
+    chosen.write_text(json.dumps({"method": method, "settings": settings}) + "\n")
+    cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
+           "--method", method, "--seed", str(seed), "--protocol", "oracle-val", "--settings-from", str(chosen),
+           "--out", str(out / "result.json"), *overrides]
+    stamp, key = out / "command.json", {"command": cmd, "settings": settings}  # the settings file's path is fixed
+    if (out / "result.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
+        result = json.loads((out / "result.json").read_text())
+    else:
+        (out / "result.json").unlink(missing_ok=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{method} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        stamp.write_text(json.dumps(key) + "\n")
+        result = json.loads((out / "result.json").read_text())
+    return {"val_accuracy": result["val_accuracy"], "best_step": result["best_step"]}
 
 
 def main(argv=None) -> int:
@@ -43,12 +93,18 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--updates", type=int, default=2000)
     p.add_argument("--name", required=True, help="the candidate's name (its runs' folder)")
-    p.add_argument("--method", default="ebm", choices=("ebm", "supervised"))
+    p.add_argument("--method", default="ebm", choices=("ebm", "supervised", *BL.NEURAL))
+    p.add_argument("--settings", default="", help="vat / pi: JSON merged over the baseline's fixed settings, "
+                   "e.g. '{\"eps\": 0.05}'")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--work", default="runs/screen")
     p.add_argument("--shards", default="runs/reproduce", help="<shards>/<table>/seed<s>/shards (launch/reproduce.py's)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
+    try:
+        settings = baseline_settings(a.method, a.settings)
+    except ValueError as e:
+        p.error(str(e))
     work = REPO / a.work
     jobs = []
     for table in a.tables.split(","):
@@ -59,13 +115,15 @@ def main(argv=None) -> int:
                 "shards": str(REPO / a.shards / table / f"seed{s}" / "shards"), "split_seed": s}})).data)
             ov = [*a.overrides, f"train.steps={a.updates}", f"train.eval_every={a.updates}", "train.select=val",
                   "health.patience=0", f"data.shards={url}", f"data.split_seed={s}", f"train.seed={s}",
-                  f"train.method={a.method}"]
+                  *([] if settings is not None else [f"train.method={a.method}"])]
             jobs.append((table, s, config, ov, work / table / f"seed{s}" / a.name, url))
     logs = {table: R.RunLog(work / table / f"{a.name}.jsonl") for table in a.tables.split(",")}
 
     def run(job) -> dict:
         table, s, config, ov, out, url = job
         try:
+            if settings is not None:
+                return baseline_run(a.method, settings, config, ov, out, url, s)
             return R.train_run(config, ov, out, "ours", url, s, logs[table])
         except RuntimeError as err:
             print(f"{a.name}: {table} seed {s} failed; the screen goes on: {err}", file=sys.stderr, flush=True)
@@ -82,6 +140,7 @@ def main(argv=None) -> int:
         assert res["best_step"] == a.updates, "the validation pass must be the last update's"
         per_table.setdefault(table, []).append(100 * res["val_accuracy"])
     row = {"name": a.name, "method": a.method, "updates": a.updates, "seeds": a.seeds, "overrides": a.overrides,
+           **({"settings": settings} if settings is not None else {}),
            "val": {t: round(statistics.fmean(v), 2) for t, v in per_table.items()},
            "val_per_seed": {t: [round(x, 2) for x in v] for t, v in per_table.items()},
            "mean": round(statistics.fmean(statistics.fmean(v) for v in per_table.values()), 2) if per_table else None,

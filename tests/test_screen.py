@@ -28,3 +28,46 @@ def test_a_failed_run_is_recorded_and_the_screen_goes_on(tmp_path):
     assert [(f["table"], f["seed"]) for f in row["failed"]] == [("magic_gamma", 0), ("magic_gamma", 1)]
     assert all("watchdog gave up" in f["error"] for f in row["failed"])
     assert "2 of 2 runs failed" in proc.stdout
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "magic_gamma").is_dir(),
+                    reason=f"{SHARED_DATA}/magic_gamma (the shared real tables) is absent")
+def test_a_baseline_is_screened_with_its_settings_and_read_back(tmp_path):
+    # --method vat runs launch/baselines.py's VAT at its fixed settings with --settings merged over them, scored by
+    # the final weights' validation accuracy; its output (which names the test figure) is not shown. A second
+    # screen with the same command reads the finished run back; another radius trains again.
+    def screen(name, settings):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "launch" / "screen.py"), "--tables", "magic_gamma", "--seeds", "1",
+             "--updates", "10", "--jobs", "1", "--method", "vat", "--settings", settings, "--name", name,
+             "--work", str(tmp_path / "work"), "--shards", str(tmp_path / "shards")],
+            cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "test" not in proc.stdout
+        return json.loads((tmp_path / "work" / "screen.jsonl").read_text().splitlines()[-1])
+
+    run = tmp_path / "work" / "magic_gamma" / "seed0"
+    row = screen("eps005", '{"eps": 0.05}')
+    assert row["method"] == "vat" and row["failed"] == []
+    assert row["settings"] == {"xi": 0.1, "eps": 0.05, "weight": 1.0, "entmin": 0.0}
+    result = json.loads((run / "eps005" / "result.json").read_text())
+    assert result["settings"]["eps"] == 0.05 and result["best_step"] == 10
+    assert row["val_per_seed"]["magic_gamma"] == [round(100 * result["val_accuracy"], 2)]
+    mtime = (run / "eps005" / "result.json").stat().st_mtime_ns
+    assert screen("eps005", '{"eps": 0.05}')["val"] == row["val"]
+    assert (run / "eps005" / "result.json").stat().st_mtime_ns == mtime  # read back, not trained again
+    screen("eps005", '{"eps": 0.3}')
+    assert json.loads((run / "eps005" / "result.json").read_text())["settings"]["eps"] == 0.3
+
+
+def test_settings_are_checked_before_any_run(tmp_path):
+    def fails(*args):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "screen.py"), "--name", "x",
+                               "--work", str(tmp_path / "work"), *args],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and not (tmp_path / "work").exists()
+        return proc.stderr
+    assert "unknown vat setting(s) epsx; known: xi, eps, weight, entmin" in fails("--method", "vat", "--settings",
+                                                                                  '{"epsx": 1}')
+    assert "is not JSON" in fails("--method", "pi", "--settings", "{w")
+    assert "--settings is for --method vat or pi, not ebm" in fails("--settings", '{"eps": 1}')
