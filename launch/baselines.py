@@ -332,6 +332,19 @@ def train_neural(method: str, cfg: C.Config, url: str, seed: int, settings: dict
     return out
 
 
+def parse_settings(text: str, method: str) -> dict:
+    """A network baseline's setting from JSON: exactly the keys of FIXED[method]."""
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise C.ConfigError(f"--settings {text!r} is not JSON ({e})") from None
+    keys = set(FIXED[method])
+    if not isinstance(settings, dict) or set(settings) != keys:
+        got = ", ".join(sorted(settings)) if isinstance(settings, dict) else type(settings).__name__
+        raise C.ConfigError(f"--settings for {method} needs exactly the keys {', '.join(sorted(keys))}; got {got}")
+    return settings
+
+
 def settings_from(path: str, method: str) -> dict:
     """The setting an earlier result of `method` chose on its validation split (its "settings")."""
     try:
@@ -383,14 +396,21 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="", help="also write the result as JSON here")
     p.add_argument("--settings-from", default="", help="vat / pi: skip the grid and run only the setting this "
                    "earlier --out JSON of the same method chose on its validation split (e.g. another seed's)")
+    p.add_argument("--settings", default="", help="vat / pi: skip the grid and run only this setting, as JSON with "
+                   "every key of the method's fixed settings (FIXED), e.g. for vat "
+                   "'{\"xi\": 0.1, \"eps\": 0.05, \"weight\": 1.0, \"entmin\": 0.0}'")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=1000")
     a = p.parse_args(argv)
     try:
         cfg = C.load_config(a.config, a.overrides)
         if cfg.train.cpu_threads and not torch.cuda.is_available():
             torch.set_num_threads(cfg.train.cpu_threads)
+        if a.settings and (a.settings_from or a.method not in NEURAL):
+            raise C.ConfigError(f"--settings is for the network baselines ({', '.join(NEURAL)}) and replaces "
+                                "--settings-from; pass one of them")
         if a.method in NEURAL:
-            chosen = settings_from(a.settings_from, a.method) if a.settings_from else None
+            chosen = (settings_from(a.settings_from, a.method) if a.settings_from
+                      else parse_settings(a.settings, a.method) if a.settings else None)
             result = neural_baseline(a.method, cfg, a.shards, a.seed, a.entmin, chosen, a.protocol)
             if a.settings_from:
                 result["settings_from"] = a.settings_from

@@ -268,13 +268,14 @@ def train_run(config: str, overrides: list[str], out: Path, method: str = "ours"
 
 
 def neural_run(method: str, config: str, overrides: list[str], url: str, seed: int, protocol: str, out: Path,
-               log: RunLog | None = None) -> dict:
-    """launch/baselines.py --method vat|pi in a subprocess (one thread); its result JSON."""
+               log: RunLog | None = None, settings: dict | None = None) -> dict:
+    """launch/baselines.py --method vat|pi in a subprocess (one thread); its result JSON. `settings`: run only
+    that setting (launch/screen.py's baselines) in place of the protocol's."""
     cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
            "--method", method, "--seed", str(seed), "--protocol", protocol, "--out", str(out / "result.json"),
-           *overrides]
+           *(["--settings", json.dumps(settings)] if settings is not None else []), *overrides]
     local = {"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
-             "config": run_config(config, overrides, method)}
+             "config": run_config(config, overrides, method), **({"settings": settings} if settings else {})}
     return _kept_or_run(log, seed, method, portable(local, url),
                         lambda: _subprocess_run(cmd, out, "result.json", "baseline.log", f"{method} baseline", local))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,30 +59,6 @@ def baseline_settings(method: str, text: str) -> dict | None:
         raise ValueError(f"--settings: unknown {method} setting(s) {', '.join(unknown)}; "
                          f"known: {', '.join(BL.FIXED[method])}")
     return {**BL.FIXED[method], **extra}
-
-
-def baseline_run(method: str, settings: dict, config: str, overrides: list[str], out: Path, url: str,
-                 seed: int) -> dict:
-    """One baseline run through launch/baselines.py (its output, which names the test figure, is not shown):
-    {"val_accuracy", "best_step"} of the final weights. A finished run with the same command and settings is
-    read back."""
-    out.mkdir(parents=True, exist_ok=True)
-    chosen = out / "settings.json"
-    chosen.write_text(json.dumps({"method": method, "settings": settings}) + "\n")
-    cmd = [sys.executable, str(REPO / "launch" / "baselines.py"), "--config", config, "--shards", url,
-           "--method", method, "--seed", str(seed), "--protocol", "oracle-val", "--settings-from", str(chosen),
-           "--out", str(out / "result.json"), *overrides]
-    stamp, key = out / "command.json", {"command": cmd, "settings": settings}  # the settings file's path is fixed
-    if (out / "result.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == key:
-        result = json.loads((out / "result.json").read_text())
-    else:
-        (out / "result.json").unlink(missing_ok=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{method} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-        stamp.write_text(json.dumps(key) + "\n")
-        result = json.loads((out / "result.json").read_text())
-    return {"val_accuracy": result["val_accuracy"], "best_step": result["best_step"]}
 
 
 def main(argv=None) -> int:
@@ -122,8 +97,8 @@ def main(argv=None) -> int:
     def run(job) -> dict:
         table, s, config, ov, out, url = job
         try:
-            if settings is not None:
-                return baseline_run(a.method, settings, config, ov, out, url, s)
+            if settings is not None:  # the one validation pass is at the last update, as for ours
+                return R.neural_run(a.method, config, ov, url, s, "oracle-val", out, logs[table], settings)
             return R.train_run(config, ov, out, "ours", url, s, logs[table])
         except RuntimeError as err:
             print(f"{a.name}: {table} seed {s} failed; the screen goes on: {err}", file=sys.stderr, flush=True)

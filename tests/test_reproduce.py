@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY
 
 
@@ -109,6 +111,18 @@ def test_baselines_settings_from_another_method_is_one_line(tmp_path):
                            "--settings-from", str(other)], check=False, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "not a vat result" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--settings", '{"xi": 0.1, "eps": 0.05}'], "needs exactly the keys entmin, eps, weight, xi; got eps, xi"),
+    (["--settings", "{eps"], "is not JSON"),
+    (["--settings", '{"w": 1.0, "noise": 0.15, "dropout": 0.2}', "--settings-from", "x.json"], "pass one of them"),
+])
+def test_baselines_bad_settings_are_one_line(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "baselines.py"), "--config",
+                           str(REPO / "configs" / "digits.yaml"), "--shards", str(tmp_path / "none"), "--method", "vat",
+                           *extra], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_reproduce_unknown_baseline_is_one_line(tmp_path):
