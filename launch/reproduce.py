@@ -275,7 +275,9 @@ def neural_run(method: str, config: str, overrides: list[str], url: str, seed: i
            "--method", method, "--seed", str(seed), "--protocol", protocol, "--out", str(out / "result.json"),
            *(["--settings", json.dumps(settings)] if settings is not None else []), *overrides]
     local = {"method": method, "protocol": protocol, "shards": url, "seed": seed, "overrides": overrides,
-             "config": run_config(config, overrides, method), **({"settings": settings} if settings is not None else {})}
+             "config": run_config(config, overrides, method)}
+    if settings is not None:  # absent otherwise, so that the suite's kept runs keep their stamps
+        local["settings"] = settings
     return _kept_or_run(log, seed, method, portable(local, url),
                         lambda: _subprocess_run(cmd, out, "result.json", "baseline.log", f"{method} baseline", local))
 
