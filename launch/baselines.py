@@ -278,7 +278,7 @@ def train_neural(method: str, cfg: C.Config, url: str, seed: int, settings: dict
     mcfg = model_config(cfg, manifest)
     torch.manual_seed(seed)
     if method == "pi":
-        model = B.Classifier(mcfg, input_noise=settings["noise"], dropout=PI_DROPOUT)
+        model = B.Classifier(mcfg, input_noise=settings["noise"], dropout=settings.get("dropout", PI_DROPOUT))
     else:
         model = B.Classifier(mcfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr_encoder, betas=cfg.optim.betas,
