@@ -332,16 +332,22 @@ def train_neural(method: str, cfg: C.Config, url: str, seed: int, settings: dict
     return out
 
 
-def parse_settings(text: str, method: str) -> dict:
-    """A network baseline's setting from JSON: exactly the keys of FIXED[method]."""
+def parse_settings(text: str, method: str, base: dict | None = None) -> dict:
+    """A network baseline's setting from JSON: exactly the keys of FIXED[method], or some of them merged over
+    `base` (launch/screen.py merges over FIXED[method])."""
     try:
-        settings = json.loads(text)
+        given = json.loads(text)
     except json.JSONDecodeError as e:
-        raise C.ConfigError(f"--settings {text!r} is not JSON ({e})") from None
-    keys = set(FIXED[method])
-    if not isinstance(settings, dict) or set(settings) != keys:
-        got = ", ".join(sorted(settings)) if isinstance(settings, dict) else type(settings).__name__
-        raise C.ConfigError(f"--settings for {method} needs exactly the keys {', '.join(sorted(keys))}; got {got}")
+        raise C.ConfigError(f"--settings {text!r} is not JSON ({e}); e.g. '{{\"eps\": 0.05}}'") from None
+    if not isinstance(given, dict):
+        raise C.ConfigError(f"--settings for {method} must be a JSON object; got {type(given).__name__}")
+    keys = FIXED[method]
+    if unknown := sorted(set(given) - set(keys)):
+        raise C.ConfigError(f"--settings: unknown {method} setting(s) {', '.join(unknown)}; known: {', '.join(keys)}")
+    settings = {**(base or {}), **given}
+    if set(settings) != set(keys):
+        raise C.ConfigError(f"--settings for {method} needs exactly the keys {', '.join(sorted(keys))}; "
+                            f"got {', '.join(sorted(settings))}")
     return settings
 
 

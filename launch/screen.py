@@ -50,15 +50,7 @@ def baseline_settings(method: str, text: str) -> dict | None:
         if text:
             raise ValueError(f"--settings is for --method {' or '.join(BL.NEURAL)}, not {method}")
         return None
-    try:
-        extra = json.loads(text) if text else {}
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--settings {text!r} is not JSON ({e}); e.g. '{{\"eps\": 0.05}}'") from None
-    unknown = sorted(set(extra) - set(BL.FIXED[method])) if isinstance(extra, dict) else ["(not an object)"]
-    if unknown:
-        raise ValueError(f"--settings: unknown {method} setting(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(BL.FIXED[method])}")
-    return {**BL.FIXED[method], **extra}
+    return BL.parse_settings(text or "{}", method, base=BL.FIXED[method])
 
 
 def main(argv=None) -> int:
