@@ -47,10 +47,12 @@ esac
 """
 
 # Stands in for `python launch/slurm/accelerate_launch.py ...` on each node: records its arguments, then
-# exits with FAKE_STATUS, or waits for USR1 and exits 75 as the trainers do.
+# exits with FAKE_STATUS, or waits for USR1 and exits 75 as the trainers do. With FAKE_STARTUP=S it first
+# spends S seconds as a process that does not catch USR1 yet (and would die of it), as Python does at first.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
 echo "python $*" >> "$FAKE_LOG"
 if [ "${FAKE_STATUS:-wait}" != wait ]; then exit "$FAKE_STATUS"; fi
+sleep "${FAKE_STARTUP:-0}"
 trap 'echo "trainer got USR1" >> "$FAKE_LOG"; exit 75' USR1
 touch "$FAKE_LOG.started.${SLURM_NODEID:-0}"
 for i in $(seq 600); do sleep 0.1; done
@@ -162,6 +164,48 @@ def test_time_limit_warning_reaches_the_trainers_and_requeues(fake_slurm, script
     lines = log_lines(env)
     assert lines.count("trainer got USR1") == nodes, lines
     assert "requeue 4242" in lines
+
+
+@pytest.mark.parametrize("script", ["multinode.sbatch", "single_node.sbatch"])
+def test_a_warning_before_the_launchers_catch_it_waits_for_them_and_requeues(fake_slurm, script):
+    """USR1 while the launchers are starting and would die of it: the batch shell (and each node's task) keeps
+    it and passes it on once the launcher catches it, so the trainers still stop at a checkpoint."""
+    env = {**fake_slurm, "FAKE_STARTUP": "3"}
+    proc = sbatch(script, env, "configs/digits.yaml")
+    nodes = 2 if script == "multinode.sbatch" else 1
+    deadline = time.time() + 30
+    while sum(line.startswith("python") for line in log_lines(env)) < nodes:
+        if time.time() > deadline or proc.poll() is not None:
+            raise AssertionError(f"the fake launchers never started:\n{kill_tree(proc)}")
+        time.sleep(0.05)
+    assert not Path(f"{env['FAKE_LOG']}.started.0").exists(), "the fake launcher caught USR1 too early for this test"
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc, 30)
+    assert proc.returncode == REQUEUE, out
+    lines = log_lines(env)
+    assert lines.count("trainer got USR1") == nodes, lines
+    assert "requeue 4242" in lines
+
+
+def test_a_warning_before_the_step_exists_is_kept(fake_slurm, tmp_path):
+    """USR1 to the batch shell before it has started its step at all (here: while it asks scontrol for the
+    host names) is kept and reaches the trainers once they can take it."""
+    slow = tmp_path / "slow-bin"
+    slow.mkdir()
+    (slow / "scontrol").write_text(f"#!/usr/bin/env bash\ntouch \"$FAKE_LOG.scontrol\"\nsleep 2\n"
+                                   f"exec {Path(fake_slurm['PATH'].split(':')[0]) / 'scontrol'} \"$@\"\n")
+    (slow / "scontrol").chmod(0o755)
+    env = {**fake_slurm, "PATH": f"{slow}:{fake_slurm['PATH']}"}
+    proc = sbatch("multinode.sbatch", env, "configs/digits.yaml")
+    deadline = time.time() + 30
+    while not Path(f"{env['FAKE_LOG']}.scontrol").exists():
+        if time.time() > deadline or proc.poll() is not None:
+            raise AssertionError(f"the batch script never asked scontrol:\n{kill_tree(proc)}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out = finish(proc, 30)
+    assert proc.returncode == REQUEUE, out
+    assert log_lines(env).count("trainer got USR1") == 2, log_lines(env)
 
 
 # ----------------------------------------------------------------------------- real training runs
