@@ -28,13 +28,9 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-signal_number() {
-  case $1 in USR1) echo 10 ;; TERM) echo 15 ;; *) kill -l "$1" ;; esac
-}
-
 catches() {  # catches PID SIGNAL: whether PID handles or blocks SIGNAL (so that it would not die of it)
   local num key mask
-  num=$(signal_number "$2")
+  num=$(kill -l "$2")
   while read -r key mask; do
     case $key in SigBlk: | SigCgt:) (((0x$mask >> (num - 1)) & 1)) && return 0 ;; esac
   done 2>/dev/null < "/proc/$1/status"
