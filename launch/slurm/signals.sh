@@ -28,7 +28,9 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-catches() {  # catches PID SIGNAL: whether PID handles or blocks SIGNAL (so that it would not die of it)
+# catches PID SIGNAL: whether PID handles or blocks SIGNAL (so that it would not die of it); the same test as
+# `takes` in launch/slurm/accelerate_launch.py, which the launcher applies to its trainers.
+catches() {
   local num key mask
   num=$(kill -l "$2")
   while read -r key mask; do
