@@ -83,7 +83,11 @@ BASELINES = ("supervised", *BL.NEURAL, *BL.SKLEARN)  # the table's order
 # seven that came later; docs/RESULTS.md says which chose what).
 SUITES = {"tabular": tuple(f"configs/{n}.yaml" for n in (
     "magic_gamma", "letter", "satimage", "shuttle", "spambase", "bank_marketing", "electricity", "pendigits",
-    "wine_quality", "page_blocks", "phoneme", "occupancy"))}
+    "wine_quality", "page_blocks", "phoneme", "occupancy")),
+          # tables from outside ../shared that no default was chosen on (launch/export_tables.py writes them);
+          # their rows go to their own results folder and page: --results results/outside --doc docs/OUTSIDE.md
+          "outside": tuple(f"configs/outside/{n}.yaml" for n in (
+              "segment", "phishing", "bananas", "breast_cancer", "digits", "diamonds", "hdma"))}
 PROTOCOL_DIRS = {"realistic": "realistic", "oracle-val": "oracle_val"}
 
 
