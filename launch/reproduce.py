@@ -2,6 +2,7 @@
 
     python launch/reproduce.py --config configs/magic_gamma.yaml --seeds 10 [--protocol realistic] [--updates N]
     python launch/reproduce.py --suite tabular --seeds 10 [--updates N]      # the twelve shared tables
+    python launch/reproduce.py --suite outside --results results/outside --doc docs/OUTSIDE.md  # seven more
 
 For each seed s (0, 1, ...) the shards are built once with data.split_seed = s (each seed is a different
 labelled set), and on them every method runs from the same labelled examples:
@@ -81,13 +82,15 @@ PAPER = {
 BASELINES = ("supervised", *BL.NEURAL, *BL.SKLEARN)  # the table's order
 # The suites --suite runs, config by config (the twelve shared tables: five the defaults were developed on,
 # seven that came later; docs/RESULTS.md says which chose what).
-SUITES = {"tabular": tuple(f"configs/{n}.yaml" for n in (
-    "magic_gamma", "letter", "satimage", "shuttle", "spambase", "bank_marketing", "electricity", "pendigits",
-    "wine_quality", "page_blocks", "phoneme", "occupancy")),
-          # tables from outside ../shared that no default was chosen on (launch/export_tables.py writes them);
-          # their rows go to their own results folder and page: --results results/outside --doc docs/OUTSIDE.md
-          "outside": tuple(f"configs/outside/{n}.yaml" for n in (
-              "segment", "phishing", "bananas", "breast_cancer", "digits", "diamonds", "hdma"))}
+SUITES = {
+    "tabular": tuple(f"configs/{n}.yaml" for n in (
+        "magic_gamma", "letter", "satimage", "shuttle", "spambase", "bank_marketing", "electricity", "pendigits",
+        "wine_quality", "page_blocks", "phoneme", "occupancy")),
+    # tables from outside ../shared that nothing was chosen on (launch/export_tables.py writes them); their rows
+    # go to a results folder and page of their own: --results results/outside --doc docs/OUTSIDE.md
+    "outside": tuple(f"configs/outside/{n}.yaml" for n in (
+        "segment", "phishing", "bananas", "breast_cancer", "digits", "diamonds", "hdma")),
+}
 PROTOCOL_DIRS = {"realistic": "realistic", "oracle-val": "oracle_val"}
 
 
