@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from ssl_ebm.config import LIKELIHOODS, ConfigError
+from ssl_ebm.config import LIKELIHOODS
 
 
 def log_likelihood(kind: str, x: torch.Tensor, out: torch.Tensor, obs_sigma: float | torch.Tensor,
@@ -24,6 +24,8 @@ def log_likelihood(kind: str, x: torch.Tensor, out: torch.Tensor, obs_sigma: flo
     (shards/make.py): each block is one categorical draw, log softmax(out_block) at the code, and the
     other columns (scaled numbers, 0/1 missing indicators) are Gaussian as above. A Gaussian on a one-hot
     block would charge a wrong category by its squared distance and never make the block sum to one.
+    With no blocks (a table of numbers only) "mixed" is the Gaussian likelihood, computed by the same code,
+    so that one table default serves tables with and without categorical columns.
     """
     x, out = x.float(), out.float()
     if kind == "gaussian":
@@ -32,7 +34,7 @@ def log_likelihood(kind: str, x: torch.Tensor, out: torch.Tensor, obs_sigma: flo
         return (x * torch.log_softmax(out, dim=-1)).sum(-1)
     if kind == "mixed":
         if not blocks:
-            raise ValueError("likelihood 'mixed' needs the one-hot blocks of the table (model.categorical_blocks)")
+            return _gaussian(x.flatten(1), out.flatten(1), obs_sigma)
         numeric_D = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
         categorical_B = x.new_zeros(len(x))
         for start, size in blocks:
@@ -55,13 +57,16 @@ def _gaussian(x_BD: torch.Tensor, out_BD: torch.Tensor, obs_sigma: float | torch
 
 
 def categorical_blocks(manifest: dict) -> tuple[tuple[int, int], ...]:
-    """The (start, size) of each one-hot block of a table's shards (the manifest's "columns"), for "mixed"."""
+    """The (start, size) of each one-hot block of a table's shards (the manifest's "columns"), for "mixed";
+    () for shards without categorical columns."""
     categorical = (manifest.get("columns") or {}).get("categorical") or []
-    blocks = tuple((int(b["start"]), int(b["size"])) for b in categorical)
-    if not blocks:
-        raise ConfigError(f"model.likelihood: 'mixed' is for tables with categorical columns, but the shards of "
-                          f"dataset {manifest.get('dataset')!r} have none; use likelihood 'gaussian'")
-    return blocks
+    return tuple((int(b["start"]), int(b["size"])) for b in categorical)
+
+
+def trained_likelihood(kind: str, manifest: dict) -> str:
+    """The likelihood a run of `kind` trains with on these shards: "mixed" on a table without categorical
+    columns is the Gaussian one (log_likelihood computes it by the same code)."""
+    return "gaussian" if kind == "mixed" and not categorical_blocks(manifest) else kind
 
 
 def kl_to_p0(mu_BZ: torch.Tensor, logvar_BZ: torch.Tensor, sigma0: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Multinomial, Normal
 
-from ssl_ebm.likelihood import kl_to_p0, log_likelihood
+from ssl_ebm.likelihood import kl_to_p0, log_likelihood, trained_likelihood
 
 
 def test_gaussian_matches_normal_log_prob():
@@ -75,8 +75,13 @@ def test_mixed_is_the_gaussian_on_the_numbers_plus_a_categorical_per_block():
     log_likelihood("mixed", x, out, 0.5, BLOCKS).sum().backward()
     torch.testing.assert_close(out.grad[:, 3:7], x[:, 3:7] - torch.softmax(out[:, 3:7].detach(), -1))
     torch.testing.assert_close(out.grad[:, numeric], (x[:, numeric] - out[:, numeric].detach()) / 0.25)
-    with pytest.raises(ValueError, match="needs the one-hot blocks"):
-        log_likelihood("mixed", x, out, 0.5)
+    # without blocks (a table of numbers only) it is the Gaussian likelihood, bit for bit, and so is the
+    # likelihood a run trains with
+    out = out.detach()
+    assert torch.equal(log_likelihood("mixed", x, out, 0.5), log_likelihood("gaussian", x, out, 0.5))
+    numbers_only = {"columns": {"numeric": ["a", "b"], "categorical": []}}
+    assert trained_likelihood("mixed", numbers_only) == trained_likelihood("gaussian", {}) == "gaussian"
+    assert trained_likelihood("mixed", {"columns": {"categorical": [{"start": 3, "size": 4}]}}) == "mixed"
 
 
 def test_mixed_likelihood_trains_the_generator():
@@ -109,9 +114,7 @@ def test_mixed_blocks_are_validated_and_read_from_a_table_manifest():
     manifest = {"dataset": "table", "columns": {"categorical": [{"name": "job", "start": 3, "size": 4},
                                                                {"name": "city", "start": 8, "size": 2}]}}
     assert categorical_blocks(manifest) == BLOCKS
-    with pytest.raises(ConfigError, match="'mixed' is for tables with categorical columns, but the shards of dataset "
-                                          "'magic_gamma' have none"):
-        categorical_blocks({"dataset": "magic_gamma", "columns": None})
+    assert categorical_blocks({"dataset": "magic_gamma", "columns": None}) == ()  # numbers only: all Gaussian
 
 
 def test_a_learned_std_per_dimension_is_the_gaussian_of_each_dimension_and_trains_with_the_generator():

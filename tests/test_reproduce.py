@@ -169,3 +169,17 @@ def test_a_key_added_at_its_default_keeps_a_logged_run():
     changed = {"method": "ours", "config": reproduce.run_config(config, ["model.label_smoothing=0.1"])}
     assert not reproduce.same_stamp(logged, changed)
     assert not reproduce.same_stamp({**logged, "method": "supervised"}, now)
+
+
+def test_the_mixed_likelihood_on_a_table_of_numbers_keeps_the_gaussian_runs(digits_shards):
+    """The tabular default "mixed" trains a table without categorical columns with the Gaussian likelihood
+    (ssl_ebm/likelihood.py), so its stamp is the Gaussian one's and the runs logged with that are kept."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import reproduce
+
+    config = str(REPO / "configs" / "tabular.yaml")
+    assert reproduce.C.load_config(config).model.likelihood == "mixed"
+    mixed = reproduce.run_config(config, [], "ours", digits_shards)
+    assert mixed == reproduce.run_config(config, ["model.likelihood=gaussian"], "ours", digits_shards)
+    assert mixed["model"]["likelihood"] == "gaussian"
+    assert reproduce.run_config(config, [], "ours")["model"]["likelihood"] == "mixed"  # no shards: as configured

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,7 @@ def test_bank_marketing_config_builds_from_the_original_csv(tmp_path):
 
 
 def test_the_mixed_likelihood_takes_its_blocks_from_a_table_manifest_and_trains(tmp_path):
+    """The tabular default: categorical on the one-hot blocks the manifest names, and a run's stamp says so."""
     import yaml
 
     from conftest import TINY
@@ -269,8 +271,13 @@ def test_the_mixed_likelihood_takes_its_blocks_from_a_table_manifest_and_trains(
     out = tmp_path / "run"
     run_train(["--config", str(REPO / "configs" / "tabular.yaml"), *TINY, f"data.shards={tmp_path / 'shards'}",
                "data.dataset=table", f"data.source={source}", "data.label_column=y", "data.na_values=[unknown]",
-               "data.num_labelled=10", "data.batch_labelled=10", "model.likelihood=mixed", "train.steps=6",
+               "data.num_labelled=10", "data.batch_labelled=10", "train.steps=6",
                "train.eval_every=3", "train.checkpoint_every=0", f"train.out_dir={out}", "train.log_with=none"])
     model = yaml.safe_load((out / "config.yaml").read_text())["model"]
     blocks = [[b["start"], b["size"]] for b in read_manifest(str(tmp_path / "shards"))["columns"]["categorical"]]
     assert model["likelihood"] == "mixed" and model["categorical_blocks"] == blocks == [[4, 5], [9, 3]]
+    sys.path.insert(0, str(REPO / "launch"))
+    import reproduce
+
+    stamp = reproduce.run_config(str(REPO / "configs" / "tabular.yaml"), [], "ours", str(tmp_path / "shards"))
+    assert stamp["model"]["likelihood"] == "mixed"
