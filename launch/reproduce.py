@@ -143,7 +143,8 @@ def parse_args(argv=None):
 # None is ignored whole.
 # The optional terms on ours' classifier over the unlabelled batch (model.py): no other method reads them.
 OURS_CLASSIFIER_TERMS = ("vat_weight", "vat_xi", "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight",
-                         "graph_smoothing", "graph_neighbours", "graph_pool")  # and its prediction's graph smoothing
+                         "graph_smoothing", "graph_neighbours", "graph_pool",  # and its prediction's graph smoothing
+                         "pseudo_label_weight", "pseudo_label_start", "pseudo_label_every")  # and the graph's labels
 NOT_READ = {
     "vat": {"model": ("generator", "likelihood", "categorical_blocks", "gen_channels", "sigma0", "obs_sigma",
                       "labelled_weight", "label_smoothing", "energy_penalty", "mi_weight", *OURS_CLASSIFIER_TERMS),

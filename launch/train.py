@@ -31,7 +31,7 @@ from ssl_ebm.langevin import sample_negatives
 from ssl_ebm.langevin_graph import CapturedLangevin
 from ssl_ebm.likelihood import categorical_blocks
 from ssl_ebm.loop import (Preempted, Run, checkpoint, due, evaluate_and_keep_best, finish, log_step, preempt,
-                          save_images, stop_if_requested)
+                          refresh_teacher, save_images, stop_if_requested, teacher_due)
 from ssl_ebm.resume import start_or_resume
 from ssl_ebm.state import TrainingState
 
@@ -91,7 +91,8 @@ def forward(run: Run, batch: dict) -> tuple[dict, torch.Tensor | None, torch.Ten
             z_neg_local = sample_negatives(net.prior, state.bank, num_chains, cfg.sampler, cfg.model.sigma0,
                                            device=acc.device, stats=run.monitor.sampler_stats, sampler=run.sampler)
         z_neg = runtime.gather(acc, z_neg_local)
-    terms = state.model(batch["x_u"] if run.ebm else None, batch["x_l"], batch["y_l"], z_neg)
+    teacher = state.teacher.proba if state.teacher is not None else None  # model.pseudo_label_weight's graph
+    terms = state.model(batch["x_u"] if run.ebm else None, batch["x_l"], batch["y_l"], z_neg, teacher=teacher)
     # One small gather per micro-batch, before backward so that every rank takes the same branch (and
     # DeepSpeed, which steps inside backward, never applies a non-finite update): is the loss finite
     # everywhere, has any rank been told to stop, are the watchdog's health checks passed?
@@ -203,6 +204,8 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
             save_images(run, done, batches[-1], z_neg)
         if val_split and due(t.eval_every, done, t.steps, pause):
             evaluate_and_keep_best(run, done)
+        if teacher_due(cfg, done):
+            refresh_teacher(run)
         if due(t.checkpoint_every, done, t.steps, state.counters.get("stopped_at"), pause):
             checkpoint(run, done)
         if stop_requested:

@@ -95,6 +95,14 @@ class ModelConfig:
     graph_smoothing: float = 0.0
     graph_neighbours: int = 10
     graph_pool: int = 10000
+    # Pseudo-labels from that graph during training (not the paper; 0 = off; Iscen et al. 2019's label
+    # propagation for deep semi-supervised learning on our latent space): from update pseudo_label_start on,
+    # every pseudo_label_every updates, the graph is rebuilt from the current weights; each unlabelled row of a
+    # batch then takes the class its graph reading gives, weighted by that reading's certainty
+    # (1 - entropy / log K), as a cross-entropy target for f(mu(x)). Needs model.graph_smoothing > 0 (alpha).
+    pseudo_label_weight: float = 0.0
+    pseudo_label_start: int = 500
+    pseudo_label_every: int = 250
 
     def __post_init__(self) -> None:
         self.x_shape = tuple(self.x_shape)
@@ -125,6 +133,12 @@ class ModelConfig:
         _check(0 <= self.graph_smoothing < 1, "model.graph_smoothing",
                f"got {self.graph_smoothing}; must be in [0, 1) (0 turns graph smoothing off)")
         _check(self.graph_neighbours >= 1, "model.graph_neighbours", f"got {self.graph_neighbours}; must be >= 1")
+        _check(self.pseudo_label_weight >= 0, "model.pseudo_label_weight", "must be >= 0 (0 turns the term off)")
+        _check(not self.pseudo_label_weight or self.graph_smoothing > 0, "model.pseudo_label_weight",
+               "reads the graph of model.graph_smoothing, which is 0 (off); set model.graph_smoothing (e.g. 0.9) "
+               "or model.pseudo_label_weight=0")
+        _check(self.pseudo_label_start >= 1 and self.pseudo_label_every >= 1, "model.pseudo_label_every",
+               "pseudo_label_start and pseudo_label_every must be >= 1")
         _check(self.graph_pool > self.graph_neighbours, "model.graph_pool",
                f"got {self.graph_pool}; must be more than model.graph_neighbours={self.graph_neighbours}")
         image = len(self.x_shape) == 3

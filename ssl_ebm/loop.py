@@ -5,6 +5,8 @@ the periodic actions the loop calls after each step, in this order:
     save_images             every train.image_every steps (image data): inputs, reconstructions, prior samples
     evaluate_and_keep_best  every train.eval_every steps and at the last: validation (of the weights' average
                             under train.ema_decay), best-<step>, early stopping
+    refresh_teacher         model.pseudo_label_weight: every model.pseudo_label_every steps from
+                            model.pseudo_label_start on, the pseudo-labels' graph rebuilt from the weights
     checkpoint              every train.checkpoint_every steps, at the last and at an early stop: step-<step>
     preempt                 on a stop signal (SLURM): checkpoint, then Preempted (exit status 75: requeue me)
 
@@ -135,6 +137,24 @@ def evaluate_and_keep_best(run: Run, done: int) -> None:
             run.state.save(run.store, "best", done)
     if health.early_stop(run.cfg.health, counters, improved):  # model selection on validation only
         counters["stopped_at"] = done
+
+
+def teacher_due(cfg: C.Config, done: int) -> bool:
+    """Whether update `done` rebuilds the pseudo-labels' graph (model.pseudo_label_weight)."""
+    mc = cfg.model
+    return (cfg.train.method == "ebm" and mc.pseudo_label_weight > 0 and done >= mc.pseudo_label_start
+            and (done - mc.pseudo_label_start) % mc.pseudo_label_every == 0)
+
+
+def refresh_teacher(run: Run) -> None:
+    """The graph of model.graph_smoothing built from the weights as they are (every rank builds the same one,
+    from the same shards, as validation does); the next updates read their pseudo-labels from it, and the
+    checkpoints keep it (graph.pt), so a resumed run reads the same ones."""
+    acc, net, cfg = run.state.acc, run.state.net, run.cfg
+    net.eval()
+    with torch.no_grad(), acc.autocast(), runtime.full_params(acc, net):
+        run.state.teacher = GraphMemory.from_shards(net, run.url, cfg, acc.device, num_workers=cfg.data.workers)
+    net.train()
 
 
 def checkpoint(run: Run, done: int) -> None:

@@ -13,6 +13,9 @@ The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity 
                      classifier, also an addition
     optional:        entmin_weight * mean entropy of softmax f(mu(x)) over the unlabelled batch (entropy
                      minimisation, Grandvalet & Bengio), also an addition
+    optional:        pseudo_label_weight * mean_B w_b * cross_entropy(f(mu(x_b)), argmax q_b), q the graph's
+                     reading of the unlabelled batch (`teacher`, ssl_ebm/graph.py) and w_b = 1 - H(q_b) / log K:
+                     label propagation's pseudo-labels (Iscen et al. 2019), also an addition
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
@@ -49,6 +52,17 @@ def batch_mutual_information(logits_BK: torch.Tensor) -> torch.Tensor:
     p_K = p_BK.mean(0)
     marg_entropy = -(p_K * torch.log(p_K.clamp_min(1e-12))).sum()
     return marg_entropy - cond_entropy
+
+
+def pseudo_label_loss(logits_BK: torch.Tensor, mu_BZ: torch.Tensor, teacher) -> torch.Tensor:
+    """mean_B w_b * cross_entropy(logits_b, argmax q_b), with q = teacher(mu, softmax logits) read without
+    gradient and w_b = 1 - H(q_b) / log K: a confident reading counts fully, a uniform one not at all."""
+    with torch.no_grad():
+        q_BK = teacher(mu_BZ.detach().float(), torch.softmax(logits_BK.detach().float(), dim=-1)).float()
+        entropy_B = -(q_BK * torch.log(q_BK.clamp_min(1e-12))).sum(-1)
+        weight_B = (1 - entropy_B / math.log(q_BK.shape[-1])).clamp_min(0)
+    ce_B = F.cross_entropy(logits_BK.float(), q_BK.argmax(-1), reduction="none")
+    return (weight_B * ce_B).mean()
 
 
 OBS_SIGMA_MIN = 0.05  # floor of a learned observation std (model.learn_obs_sigma): features are standardised
@@ -102,7 +116,7 @@ class LatentEBM(nn.Module):
 
     def forward(self, x_u: torch.Tensor | None = None, x_l: torch.Tensor | None = None,
                 y_l: torch.Tensor | None = None, z_neg: torch.Tensor | None = None,
-                eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                eps: torch.Tensor | None = None, teacher=None) -> dict[str, torch.Tensor]:
         """Named loss terms; "loss" is the scalar to backpropagate, the rest are detached fp32 scalars.
 
         Either part may be missing: x_u=None (with z_neg=None) is the supervised-only baseline,
@@ -114,6 +128,8 @@ class LatentEBM(nn.Module):
         The eps of z+ is drawn once, from the global RNG, for the batch [x_u; x_l], which also
         goes through the encoder as one batch (one set of BatchNorm statistics). Pass `eps`
         ((B + M, Z), for [x_u; x_l]) to supply that noise instead, e.g. to compare two computations.
+        `teacher(mu_BZ, p_BK) -> q_BK` (GraphMemory.proba) gives the pseudo-labels of model.pseudo_label_weight;
+        None (before the first graph is built) leaves that term out ("pseudo" 0).
         """
         cfg = self.cfg
         x_u, x_l, y_l, z_neg = self._present_parts(x_u, x_l, y_l, z_neg)
@@ -132,7 +148,8 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero)
+                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero,
+                   pseudo=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -151,7 +168,9 @@ class LatentEBM(nn.Module):
                 loss = loss - cfg.mi_weight * mi
                 out.update(mi=mi)
             # The optional terms on the classifier f(mu(x)) of the unlabelled batch (none is the paper's).
-            logits_u_BK = self.prior(mu[:n_u]) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight else None
+            pseudo_on = cfg.pseudo_label_weight > 0 and teacher is not None
+            logits_u_BK = self.prior(mu[:n_u]) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight \
+                or pseudo_on else None
             if cfg.vat_weight > 0:
                 vat = vat_loss(self.predict_logits, x_u, cfg.vat_xi, cfg.vat_eps * math.sqrt(x_u[0].numel()),
                                logits_BK=logits_u_BK)
@@ -166,6 +185,10 @@ class LatentEBM(nn.Module):
                 entropy = entropy_loss(logits_u_BK)
                 loss = loss + cfg.entmin_weight * entropy
                 out.update(entropy=entropy)
+            if pseudo_on:
+                pseudo = pseudo_label_loss(logits_u_BK, mu[:n_u], teacher)
+                loss = loss + cfg.pseudo_label_weight * pseudo
+                out.update(pseudo=pseudo)
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
                        z_pos_norm=z_pos_BZ.norm(dim=1).mean(), z_neg_norm=z_neg_NZ.norm(dim=1).mean())
         if x_l is not None:

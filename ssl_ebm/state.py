@@ -35,6 +35,7 @@ from ssl_ebm import config as C
 from ssl_ebm import runtime
 from ssl_ebm.checkpoint import CheckpointError, CheckpointStore
 from ssl_ebm.ema import WeightAverage
+from ssl_ebm.graph import GraphMemory
 from ssl_ebm.health import TrainingError
 from ssl_ebm.langevin import ChainBank
 from ssl_ebm.model import LatentEBM
@@ -75,6 +76,7 @@ class TrainingState:
     counters: dict = field(default_factory=new_counters)
     elastic: str | None = None  # what the last load did with chains saved by another process count
     ema: WeightAverage | None = None  # train.ema_decay > 0: the weights' moving average, for evaluation
+    teacher: GraphMemory | None = None  # model.pseudo_label_weight: the graph last built (the same on every rank)
 
     @classmethod
     def create(cls, cfg: C.Config, acc, memory_format=torch.contiguous_format) -> "TrainingState":
@@ -142,6 +144,8 @@ class TrainingState:
                                                      "scheduler": self.scheduler.state_dict()})
             if self.ema is not None:
                 store.write_torch(name, "ema.pt", self.ema.state_dict())
+            if self.teacher is not None:
+                store.write_torch(name, "graph.pt", self.teacher.state_dict())
             store.write_bytes(name, "config.yaml", C.dump_config(self.cfg).encode())
             # where each process's data stream stands (micro-batches), whatever grad_accum a resume uses
             meta = {**self.counters, "step": step, "batches_read": self.batches_read(step), **extra}
@@ -177,6 +181,9 @@ class TrainingState:
                 self.ema.load_state_dict(store.read_torch(name, "ema.pt"))
             else:
                 self.ema.reset(self.net)
+        mc = self.cfg.model  # the pseudo-labels' graph as it was at the save (none before pseudo_label_start)
+        self.teacher = GraphMemory.from_state_dict(store.read_torch(name, "graph.pt"), mc.graph_neighbours,
+                                                   mc.graph_smoothing) if store.exists(name, "graph.pt") else None
         self._load_rank_state(store, name, meta["world_size"], meta["step"])
         if here[0] and saved[1] != here[1]:
             self.elastic += f", ZeRO-{here[0]} weights and optimizer state through DeepSpeed's universal checkpoint"

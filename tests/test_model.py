@@ -8,10 +8,10 @@ import torch
 from pairings import PAIRINGS, tiny_config
 from ssl_ebm.baselines import entropy_loss, pi_loss, vat_loss
 from ssl_ebm.config import OptimConfig
-from ssl_ebm.model import LatentEBM, batch_mutual_information
+from ssl_ebm.model import LatentEBM, batch_mutual_information, pseudo_label_loss
 
 KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "vat", "consistency",
-        "entropy", "logvar_min", "logvar_max"}
+        "entropy", "pseudo", "logvar_min", "logvar_max"}
 
 
 def make(name: str, seed: int = 0, **kw) -> LatentEBM:
@@ -258,6 +258,39 @@ def test_classifier_term(term_name):
     torch.testing.assert_close(out[key], term.detach())
     torch.testing.assert_close(out["loss"], plain["loss"] + weight * out[key])
     term.backward()
+    assert all(p.grad is None for p in model.generator.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())
+
+
+def test_pseudo_label_term():
+    """model.pseudo_label_weight: loss = the rest + weight * mean_B w_b CE(f(mu(x_b)), argmax q_b), q the teacher's
+    reading of (mu, softmax f(mu)) taken without gradient, w_b = 1 - H(q_b) / log K; no teacher, no term."""
+    data = batch(make("mlp+mlp gaussian"), n_u=16)
+    eps = torch.randn(16 + 3, 6)  # tiny nets: z_dim 6
+    model = make("mlp+mlp gaussian", graph_smoothing=0.9, pseudo_label_weight=4.0)
+    plain = model(*data, eps=eps)
+    assert plain["pseudo"] == 0
+    seen = {}
+
+    def teacher(mu_BZ, p_BK):  # sure of class 1 on the first half of the rows, uniform on the rest
+        seen.update(mu=mu_BZ, p=p_BK)
+        q_BK = torch.full_like(p_BK, 1 / 3)
+        q_BK[:8] = torch.tensor([0.0, 1.0, 0.0])
+        return q_BK
+
+    out = model(*data, eps=eps, teacher=teacher)
+    assert not seen["mu"].requires_grad and not seen["p"].requires_grad
+    mu = model.encoder(data[0])[0]
+    torch.testing.assert_close(seen["mu"], mu.detach())
+    logits = model.prior(mu)
+    expected = torch.nn.functional.cross_entropy(logits[:8], torch.ones(8, dtype=torch.long), reduction="sum") / 16
+    torch.testing.assert_close(out["pseudo"], expected.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + 4.0 * out["pseudo"])
+    uniform = pseudo_label_loss(logits, mu, lambda m, p: torch.full_like(p, 1 / 3))
+    assert uniform == 0  # a reading with no certainty teaches nothing
+    model.zero_grad()
+    pseudo_label_loss(logits, mu, teacher).backward()
     assert all(p.grad is None for p in model.generator.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     assert any(p.grad.abs().sum() > 0 for p in model.prior.parameters())

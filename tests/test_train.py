@@ -107,9 +107,33 @@ def test_graph_smoothing_changes_the_prediction_only(digits_shards, tmp_path):
     assert val[0]["val_prior_accuracy"] == m_plain["val_accuracy"]
 
 
+PSEUDO = ["model.graph_smoothing=0.9", "model.graph_pool=300", "model.pseudo_label_weight=1",
+          "model.pseudo_label_start=8", "model.pseudo_label_every=8"]
+
+
+def test_pseudo_labels_start_on_time_and_a_paused_run_resumes_them_exactly(digits_shards, tmp_path):
+    """model.pseudo_label_weight: no term before pseudo_label_start, a term after; the graph is rebuilt at 8 and
+    16 and kept in the checkpoints from 8 on (graph.pt), so a run paused at 12 (its graph from 8) and resumed
+    ends with exactly the uninterrupted run's weights."""
+    args = ["train.steps=20", "train.log_every=1", "train.checkpoint_every=4", "train.eval_every=0",
+            "train.cpu_threads=1", *PSEUDO]
+    whole, paused = tmp_path / "whole", tmp_path / "paused"
+    run_train(tiny(digits_shards, whole, *args))
+    records = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert all(r["pseudo"] == 0 for r in records if r["step"] <= 8)  # step 8's batch precedes the first graph
+    assert all(r["pseudo"] > 0 for r in records if r["step"] > 8)
+    assert (whole / "checkpoints" / "step-000020" / "graph.pt").exists()
+    run_train(tiny(digits_shards, paused, *args, "train.stop_after=12"))
+    assert (paused / "checkpoints" / "step-000012" / "graph.pt").exists()
+    run_train(tiny(digits_shards, paused, *args))
+    assert_same_weights(weights(whole / "checkpoints", 20), weights(paused / "checkpoints", 20))
+    graphs = [torch.load(o / "checkpoints" / "step-000020" / "graph.pt", weights_only=True) for o in (whole, paused)]
+    assert_same_weights(*graphs)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["model.vat_weight=1"], ["model.graph_smoothing=0.9", "model.graph_pool=300"]],
-                         ids=["paper", "vat_term", "graph"])
+@pytest.mark.parametrize("extra", [[], ["model.vat_weight=1"], ["model.graph_smoothing=0.9", "model.graph_pool=300"],
+                                   PSEUDO], ids=["paper", "vat_term", "graph", "pseudo_labels"])
 def test_two_processes_train_together(digits_shards, tmp_path, extra):
     """Two DDP processes end with the same weights; the VAT term's power iteration (a gradient inside the
     forward) keeps them so too; graph smoothing's evaluation (each rank builds the graph itself) runs."""
