@@ -167,28 +167,9 @@ class LatentEBM(nn.Module):
                 mi = batch_mutual_information(self.prior(z_pos_BZ))
                 loss = loss - cfg.mi_weight * mi
                 out.update(mi=mi)
-            # The optional terms on the classifier f(mu(x)) of the unlabelled batch (none is the paper's).
-            pseudo_on = cfg.pseudo_label_weight > 0 and teacher is not None
-            logits_u_BK = self.prior(mu[:n_u]) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight \
-                or pseudo_on else None
-            if cfg.vat_weight > 0:
-                vat = vat_loss(self.predict_logits, x_u, cfg.vat_xi, cfg.vat_eps * math.sqrt(x_u[0].numel()),
-                               logits_BK=logits_u_BK)
-                loss = loss + cfg.vat_weight * vat
-                out.update(vat=vat)
-            if cfg.consistency_weight > 0:
-                noisy_BK = self.predict_logits(x_u + cfg.consistency_noise * torch.randn_like(x_u))
-                consistency = pi_loss(logits_u_BK, noisy_BK.float())
-                loss = loss + cfg.consistency_weight * consistency
-                out.update(consistency=consistency)
-            if cfg.entmin_weight > 0:
-                entropy = entropy_loss(logits_u_BK)
-                loss = loss + cfg.entmin_weight * entropy
-                out.update(entropy=entropy)
-            if pseudo_on:
-                pseudo = pseudo_label_loss(logits_u_BK, mu[:n_u], teacher)
-                loss = loss + cfg.pseudo_label_weight * pseudo
-                out.update(pseudo=pseudo)
+            for key, (weight, term) in self.classifier_terms(x_u, mu[:n_u], teacher).items():
+                loss = loss + weight * term
+                out[key] = term
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
                        z_pos_norm=z_pos_BZ.norm(dim=1).mean(), z_neg_norm=z_neg_NZ.norm(dim=1).mean())
         if x_l is not None:
@@ -200,6 +181,25 @@ class LatentEBM(nn.Module):
         out = {k: v.detach() for k, v in out.items()}
         out.update(loss=loss, logvar_min=logvar.min().detach(), logvar_max=logvar.max().detach())
         return out
+
+    def classifier_terms(self, x_u: torch.Tensor, mu_BZ: torch.Tensor, teacher=None) -> dict:
+        """The optional terms on the classifier f(mu(x)) of the unlabelled batch (none is the paper's), each
+        {key: (weight, term)} for those turned on, in a fixed order (VAT and the Pi-model draw noise)."""
+        cfg, terms = self.cfg, {}
+        pseudo_on = cfg.pseudo_label_weight > 0 and teacher is not None
+        logits_BK = self.prior(mu_BZ) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight or pseudo_on \
+            else None
+        if cfg.vat_weight > 0:
+            terms["vat"] = cfg.vat_weight, vat_loss(self.predict_logits, x_u, cfg.vat_xi,
+                                                     cfg.vat_eps * math.sqrt(x_u[0].numel()), logits_BK=logits_BK)
+        if cfg.consistency_weight > 0:
+            noisy_BK = self.predict_logits(x_u + cfg.consistency_noise * torch.randn_like(x_u))
+            terms["consistency"] = cfg.consistency_weight, pi_loss(logits_BK, noisy_BK.float())
+        if cfg.entmin_weight > 0:
+            terms["entropy"] = cfg.entmin_weight, entropy_loss(logits_BK)
+        if pseudo_on:
+            terms["pseudo"] = cfg.pseudo_label_weight, pseudo_label_loss(logits_BK, mu_BZ, teacher)
+        return terms
 
     def free_energy(self, z_BZ: torch.Tensor) -> torch.Tensor:
         """F(z) = logsumexp f(z) (eq. 5), shape (B,)."""
