@@ -148,8 +148,7 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero,
-                   pseudo=zero)
+                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero, pseudo=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
