@@ -204,7 +204,7 @@ def train(cfg: C.Config, raw: dict, before_step=None, preemption: runtime.Preemp
             save_images(run, done, batches[-1], z_neg)
         if val_split and due(t.eval_every, done, t.steps, pause):
             evaluate_and_keep_best(run, done)
-        if teacher_due(cfg, done):
+        if teacher_due(run, done):
             refresh_teacher(run)
         if due(t.checkpoint_every, done, t.steps, state.counters.get("stopped_at"), pause):
             checkpoint(run, done)

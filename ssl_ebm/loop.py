@@ -139,11 +139,11 @@ def evaluate_and_keep_best(run: Run, done: int) -> None:
         counters["stopped_at"] = done
 
 
-def teacher_due(cfg: C.Config, done: int) -> bool:
+def teacher_due(run: Run, done: int) -> bool:
     """Whether update `done` rebuilds the pseudo-labels' graph (model.pseudo_label_weight)."""
-    mc = cfg.model
-    return (cfg.train.method == "ebm" and mc.pseudo_label_weight > 0 and done >= mc.pseudo_label_start
-            and (done - mc.pseudo_label_start) % mc.pseudo_label_every == 0)
+    mc = run.cfg.model
+    return (run.ebm and mc.pseudo_label_weight > 0 and done >= mc.pseudo_label_start
+            and due(mc.pseudo_label_every, done - mc.pseudo_label_start))
 
 
 def refresh_teacher(run: Run) -> None:
