@@ -19,7 +19,14 @@ For the run's final (or named) checkpoint and its shards, on the validation spli
                    If it beats f(mu), the classifier's class prior, not its boundaries, is what falls short
     f(mu)+graph    f(mu) smoothed over a graph of the labelled rows and the pool in mu-space (ssl_ebm/graph.py),
                    with --graph-alpha, else the run's model.graph_smoothing, else 0.9: what graph
-                   smoothing would give this run's weights
+                   smoothing would give this run's weights; graph_share: its predicted class counts
+    threshold      two-class tables only, on f(mu)+graph's score for class 1 (uses validation labels, so a
+                   diagnostic): its AUC, and the accuracy if the threshold gave the true class shares or were
+                   the best one. What a class-share correction could at most be worth, against how well the
+                   score ranks the classes at all
+    pull           the median over up to 512 unlabelled rows of the gradient norm with respect to mu(x) of
+                   each unlabelled term at z = mu: log p(x|z), -KL(q||p0) and F(z), i.e. how hard the
+                   reconstruction, the KL and the prior pull the encoder
 Prints one JSON line; --json appends it to a file.
 """
 
@@ -74,16 +81,51 @@ def em_class_shares(p_NK: np.ndarray, labelled_share_K: np.ndarray, iterations: 
     return share
 
 
-def graph_accuracy(net, cfg, alpha: float) -> float:
-    """Validation accuracy of f(mu) smoothed over the graph training's evaluation would build (same rows)."""
+def graph_proba(net, cfg, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """f(mu) smoothed over the graph training's evaluation would build (same rows), on the validation split:
+    (q (V, K), labels (V,))."""
     url = cfg.data.shards
-    right = count = 0
+    qs, ys = [], []
     with torch.no_grad():
         memory = GraphMemory.from_shards(net, url, cfg, alpha=alpha)
         for b in data.eval_batches(url, "val", batch_size=cfg.data.eval_batch):
-            right += (memory.proba(*encode(net, b["x"])).argmax(1) == b["y"]).sum().item()
-            count += len(b["y"])
-    return right / count
+            qs.append(memory.proba(*encode(net, b["x"])).numpy()), ys.append(b["y"].numpy())
+    return np.concatenate(qs), np.concatenate(ys)
+
+
+def threshold_figures(score: np.ndarray, y: np.ndarray) -> dict:
+    """A two-class score for class 1 against the labels: its AUC, and the accuracy at 0.5, at the threshold that
+    calls the lowest-scoring rows class 0 in their true number (rows tied there split in score order), and at the
+    best threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    pos = y == 1
+    order = np.argsort(score, kind="stable")
+    s_sorted, pos_sorted = score[order], pos[order]
+    # Accuracy with the first i sorted rows called class 0 (i = 0..V): the class-0 rows among them plus the
+    # class-1 rows after them; a cut can only fall where the score changes (or at either end).
+    zeros_before = np.r_[0, np.cumsum(~pos_sorted)]
+    ones_after = pos.sum() - np.r_[0, np.cumsum(pos_sorted)]
+    acc = (zeros_before + ones_after) / len(y)
+    cut_ok = np.r_[True, s_sorted[1:] != s_sorted[:-1], True]
+    n0 = int((~pos).sum())
+    return {"auc": round(float(roc_auc_score(pos, score)), 4), "at_0.5": float(((score > 0.5) == pos).mean()),
+            "at_true_share": float(acc[n0]), "best": float(acc[cut_ok].max())}
+
+
+def pulls(net, x_u: torch.Tensor) -> dict:
+    """Median over the rows of x_u of |d term / d mu| at z = mu for log p(x|z), -KL(q(z|x) || p0) and F(z)."""
+    from ssl_ebm.likelihood import kl_to_p0
+
+    mu, logvar = net.encoder(x_u)
+    mu = mu.detach().float().requires_grad_(True)
+    terms = {"recon": net.log_px(x_u, mu).sum(), "kl": -kl_to_p0(mu, logvar.detach().float(), net.cfg.sigma0).sum(),
+             "F": net.prior.free_energy(mu).sum()}
+    out = {}
+    for name, term in terms.items():
+        grad, = torch.autograd.grad(term, mu, retain_graph=True)
+        out[name] = round(grad.norm(dim=1).median().item(), 4)
+    return out
 
 
 def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float | None = None) -> dict:
@@ -115,17 +157,21 @@ def diagnose(run: str, checkpoint: str = "", seed: int = 0, graph_alpha: float |
     z = langevin(net.prior, z, steps=200, step_size=cfg.sampler.step_size, sigma0=cfg.model.sigma0)
     with torch.no_grad():
         chain_class = net.prior(z).argmax(-1).numpy()
+    alpha = graph_alpha or cfg.model.graph_smoothing or 0.9
+    q_v, y_q = graph_proba(net, cfg, alpha)
+    extra = {"threshold": threshold_figures(q_v[:, 1], y_q)} if K == 2 else {}
     return {"run": run, "checkpoint": name,
             "f(mu)": float((logits_v.argmax(-1).numpy() == y_v).mean()),
             "f(mu)+em": float((em_logits.argmax(-1) == y_v).mean()), "em_share": pool_share.round(4).tolist(),
-            "f(mu)+graph": graph_accuracy(net, cfg, graph_alpha or cfg.model.graph_smoothing or 0.9),
-            "graph_alpha": graph_alpha or cfg.model.graph_smoothing or 0.9,
+            "f(mu)+graph": float((q_v.argmax(1) == y_q).mean()), "graph_alpha": alpha,
+            "graph_share": np.bincount(q_v.argmax(1), minlength=K).tolist(),
             "lr(mu)": _lr_cv(mu_l, y_l, mu_v, y_v, seed), "lr(x)": _lr_cv(x_l, y_l, x_v, y_v, seed),
             "knn(mu)": _knn_loo(mu_v, y_v), "knn(x)": _knn_loo(x_v, y_v),
             "F_by_class": [round(float(F_v[y_v == k].mean()), 3) for k in range(K) if (y_v == k).any()],
             "chain_share": np.bincount(chain_class, minlength=K).round(0).tolist(),
             "class_share": np.bincount(y_v, minlength=K).tolist(),
-            "predicted_share": np.bincount(logits_v.argmax(-1).numpy(), minlength=K).tolist()}
+            "predicted_share": np.bincount(logits_v.argmax(-1).numpy(), minlength=K).tolist(), **extra,
+            "pull": pulls(net, as_input(x_u[:512]))}
 
 
 def main(argv=None) -> int:

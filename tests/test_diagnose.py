@@ -1,4 +1,5 @@
-"""launch/diagnose.py's EM estimate of a pool's class shares (Saerens et al. 2002)."""
+"""launch/diagnose.py: the EM estimate of a pool's class shares (Saerens et al. 2002), the two-class threshold
+figures, and a diagnosis of a trained run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "launch"))
-from diagnose import em_class_shares  # noqa: E402
+from diagnose import em_class_shares, threshold_figures  # noqa: E402
 
 
 def test_em_recovers_the_class_shares_of_a_shifted_pool():
@@ -28,6 +29,26 @@ def test_em_recovers_the_class_shares_of_a_shifted_pool():
     np.testing.assert_allclose(em_class_shares(np.full((10, 2), 0.5), np.array([0.5, 0.5])), [0.5, 0.5])
 
 
+def test_threshold_figures():
+    # Scores that separate the classes perfectly but all lie above 0.5: the 0.5 threshold calls every row class 1
+    # (accuracy = class 1's share); the true shares' threshold and the best one are right everywhere.
+    rng = np.random.default_rng(0)
+    y = (rng.random(1000) < 0.3).astype(int)
+    score = np.where(y == 1, 0.9, 0.7) + rng.normal(0, 0.01, 1000)
+    fig = threshold_figures(score, y)
+    assert fig["auc"] == 1.0 and fig["at_true_share"] == fig["best"] == 1.0
+    assert fig["at_0.5"] == y.mean()
+    assert threshold_figures(-score, y)["auc"] == 0.0  # a score that ranks the classes backwards
+    # Overlapping classes: the best threshold is at least as good as any other, 0.5 and the true shares' included.
+    noisy = score + rng.normal(0, 0.1, 1000)
+    fig = threshold_figures(noisy, y)
+    assert 0.5 < fig["auc"] < 1 and fig["best"] >= max(fig["at_0.5"], fig["at_true_share"])
+    assert fig["best"] == max(((noisy > c) == y).mean() for c in np.r_[-np.inf, noisy])  # every cut, by brute force
+    # One score for every row: no threshold separates anything; the best is to call every row the larger class.
+    flat = threshold_figures(np.full(1000, 0.5), y)
+    assert flat["auc"] == 0.5 and flat["best"] == max(y.mean(), 1 - y.mean())
+
+
 def test_diagnose_scores_the_run_as_its_validation_pass_did(digits_shards, tmp_path):
     """On a run trained with graph smoothing and one validation pass at its end (best = final weights):
     f(mu) is that pass's softmax f(mu) alone, f(mu)+graph the smoothed figure it was selected by."""
@@ -44,3 +65,6 @@ def test_diagnose_scores_the_run_as_its_validation_pass_did(digits_shards, tmp_p
     res = diagnose(str(out), "step-000020")
     assert abs(res["f(mu)+graph"] - val["val_accuracy"]) < 1e-6
     assert abs(res["f(mu)"] - val["val_prior_accuracy"]) < 1e-6
+    assert sum(res["graph_share"]) == sum(res["class_share"]) and len(res["graph_share"]) == 10
+    assert "threshold" not in res  # ten classes: the two-class figures are left out
+    assert set(res["pull"]) == {"recon", "kl", "F"} and all(0 < v < float("inf") for v in res["pull"].values())
