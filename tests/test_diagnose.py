@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import torch
 
 from conftest import REPO
 
@@ -67,4 +68,35 @@ def test_diagnose_scores_the_run_as_its_validation_pass_did(digits_shards, tmp_p
     assert abs(res["f(mu)"] - val["val_prior_accuracy"]) < 1e-6
     assert sum(res["graph_share"]) == sum(res["class_share"]) and len(res["graph_share"]) == 10
     assert "threshold" not in res  # ten classes: the two-class figures are left out
+    assert set(res["inference"]) == {"mc", "iw", "map10", "map30"}
+    assert all(0 <= v <= 1 for v in res["inference"].values())
     assert set(res["pull"]) == {"recon", "kl", "F"} and all(0 < v < float("inf") for v in res["pull"].values())
+
+
+def test_inference_figures_agree_with_f_mu_when_the_posterior_is_a_point():
+    """With q(z|x)'s std near 0 every draw is mu: the mean of softmax f(z) and its importance-weighted mean both
+    classify as f(mu) does; a step of 0 length leaves the MAP readings there too."""
+    from diagnose import inference_figures
+    from pairings import tiny_config
+
+    from ssl_ebm.model import LatentEBM
+
+    class PointPosterior(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x):
+            mu, logvar = self.encoder(x)
+            return mu, torch.full_like(logvar, -40.0)
+
+    torch.manual_seed(0)
+    net = LatentEBM(tiny_config("mlp+mlp gaussian")).eval()
+    net.encoder = PointPosterior(net.encoder)
+    x = torch.randn(64, *net.cfg.x_shape)
+    y = torch.randint(0, net.cfg.num_classes, (64,))
+    with torch.no_grad():
+        f_mu = float((net.predict_logits(x).argmax(-1) == y).float().mean())
+    out = inference_figures(net, x, y, samples=4)
+    assert out["mc"] == out["iw"] == f_mu
+    assert set(out) == {"mc", "iw", "map10", "map30"} and all(0 <= v <= 1 for v in out.values())
