@@ -143,6 +143,7 @@ def parse_args(argv=None):
 # None is ignored whole.
 # The optional terms on ours' classifier over the unlabelled batch (model.py): no other method reads them.
 OURS_CLASSIFIER_TERMS = ("vat_weight", "vat_xi", "vat_eps", "consistency_weight", "consistency_noise", "entmin_weight",
+                         "latent_vat_weight", "latent_vat_eps",
                          "graph_smoothing", "graph_neighbours", "graph_pool",  # and its prediction's graph smoothing
                          "pseudo_label_weight", "pseudo_label_start", "pseudo_label_every")  # and the graph's labels
 NOT_READ = {
@@ -336,6 +337,8 @@ def variant(cfg: C.Config) -> str:
         parts.append(f"energy penalty {m.energy_penalty:g}")
     if m.vat_weight > 0:  # not the paper's method: say so in every row that has it
         parts.append(f"+ VAT term {m.vat_weight:g} (xi {m.vat_xi:g}, eps {m.vat_eps:g})")
+    if m.latent_vat_weight > 0:
+        parts.append(f"+ latent VAT term {m.latent_vat_weight:g} (eps {m.latent_vat_eps:g} posterior stds)")
     if cfg.data.features != "standard":  # every method of the row reads the same scaled shards
         parts.append(f"{cfg.data.features} features")
     if cfg.train.ema_decay > 0:

@@ -79,6 +79,10 @@ class ModelConfig:
     vat_weight: float = 0.0  # weight of a VAT smoothness term on f(mu(x)) over the unlabelled batch (not the paper; 0 = off)
     vat_xi: float = 0.1  # VAT: finite-difference step of the power iteration
     vat_eps: float = 0.1  # VAT: adversarial radius, times sqrt(D) (a per-feature RMS, as launch/baselines.py's VAT)
+    # VAT in the latent space (not the paper; 0 = off): KL(softmax f(mu) || softmax f(mu + std * r_adv)) over the
+    # unlabelled batch, std the posterior's, |r_adv| = latent_vat_eps (in posterior stds), xi = vat_xi
+    latent_vat_weight: float = 0.0
+    latent_vat_eps: float = 1.0
     # Pi-model consistency on f(mu(x)) over the unlabelled batch (not the paper; 0 = off): the mean squared
     # difference of softmax f(mu(x)) and softmax f(mu(x + n)), n ~ N(0, consistency_noise^2) per feature
     # (features are standardised), both passes with gradient (Laine & Aila's term, as launch/baselines.py's).
@@ -127,6 +131,8 @@ class ModelConfig:
         _check(self.mi_weight >= 0, "model.mi_weight", "must be >= 0 (0 turns the mutual-information term off)")
         _check(self.vat_weight >= 0, "model.vat_weight", "must be >= 0 (0 turns the VAT term off)")
         _check(self.vat_xi > 0 and self.vat_eps > 0, "model.vat_eps", "vat_xi and vat_eps must be > 0")
+        _check(self.latent_vat_weight >= 0 and self.latent_vat_eps > 0, "model.latent_vat_weight",
+               "latent_vat_weight must be >= 0 (0 turns the term off) and latent_vat_eps > 0")
         _check(self.consistency_weight >= 0, "model.consistency_weight", "must be >= 0 (0 turns the term off)")
         _check(self.entmin_weight >= 0, "model.entmin_weight", "must be >= 0 (0 turns the term off)")
         _check(self.consistency_noise > 0, "model.consistency_noise", f"got {self.consistency_noise}; must be > 0")

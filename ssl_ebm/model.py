@@ -16,6 +16,10 @@ The loss is built so that its gradient IS Algorithm 1, steps 4-6 (as a quantity 
     optional:        pseudo_label_weight * mean_B w_b * cross_entropy(f(mu(x_b)), argmax q_b), q the graph's
                      reading of the unlabelled batch (`teacher`, ssl_ebm/graph.py) and w_b = 1 - H(q_b) / log K:
                      label propagation's pseudo-labels (Iscen et al. 2019), also an addition
+    optional:        latent_vat_weight * KL(softmax f(mu) || softmax f(mu + s * r_adv)) over the unlabelled batch,
+                     s = exp(logvar / 2) the posterior std and |r_adv| = latent_vat_eps: VAT's smoothness term in
+                     the latent space, where the perturbation is measured in the posterior's own std (f should
+                     not change its mind within the encoder's uncertainty about z), also an addition
 with z+ = mu + exp(logvar / 2) * eps from q(z|x) (reparameterised) and z- from the sampler (detached).
 The single -F(z+) term is at once the positive phase of the prior's gradient (eq. 10) and the
 +F(z+) term of the encoder's ELBO gradient (eq. 11); -F(z-) reaches the prior only; the generator
@@ -148,7 +152,7 @@ class LatentEBM(nn.Module):
         zero = mu.new_zeros(())
         loss = zero
         out = dict(recon=zero, kl=zero, F_pos=zero, F_neg=zero, z_pos_norm=zero, z_neg_norm=zero, ce=zero,
-                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero, pseudo=zero)
+                   acc_l=zero, mi=zero, vat=zero, consistency=zero, entropy=zero, pseudo=zero, latent_vat=zero)
         if x_u is not None:
             z_pos_BZ = z_pos[:n_u]
             z_neg_NZ = z_neg.detach().to(device=mu.device, dtype=torch.float32)
@@ -166,7 +170,7 @@ class LatentEBM(nn.Module):
                 mi = batch_mutual_information(self.prior(z_pos_BZ))
                 loss = loss - cfg.mi_weight * mi
                 out.update(mi=mi)
-            for key, (weight, term) in self.classifier_terms(x_u, mu[:n_u], teacher).items():
+            for key, (weight, term) in self.classifier_terms(x_u, mu[:n_u], teacher, logvar[:n_u]).items():
                 loss = loss + weight * term
                 out[key] = term
             out.update(recon=recon_B.mean(), kl=kl_B.mean(), F_pos=F_pos_B.mean(), F_neg=F_neg_N.mean(),
@@ -181,13 +185,15 @@ class LatentEBM(nn.Module):
         out.update(loss=loss, logvar_min=logvar.min().detach(), logvar_max=logvar.max().detach())
         return out
 
-    def classifier_terms(self, x_u: torch.Tensor, mu_BZ: torch.Tensor, teacher=None) -> dict:
+    def classifier_terms(self, x_u: torch.Tensor, mu_BZ: torch.Tensor, teacher=None,
+                         logvar_BZ: torch.Tensor | None = None) -> dict:
         """The optional terms on the classifier f(mu(x)) of the unlabelled batch (none is the paper's), each
-        {key: (weight, term)} for those turned on, in a fixed order (VAT and the Pi-model draw noise)."""
+        {key: (weight, term)} for those turned on, in a fixed order (VAT and the Pi-model draw noise).
+        The latent VAT term needs the posterior's logvar_BZ."""
         cfg, terms = self.cfg, {}
         pseudo_on = cfg.pseudo_label_weight > 0 and teacher is not None
-        logits_BK = self.prior(mu_BZ) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight or pseudo_on \
-            else None
+        logits_BK = self.prior(mu_BZ) if cfg.vat_weight + cfg.consistency_weight + cfg.entmin_weight \
+            + cfg.latent_vat_weight or pseudo_on else None
         if cfg.vat_weight > 0:
             terms["vat"] = cfg.vat_weight, vat_loss(self.predict_logits, x_u, cfg.vat_xi,
                                                      cfg.vat_eps * math.sqrt(x_u[0].numel()), logits_BK=logits_BK)
@@ -198,6 +204,14 @@ class LatentEBM(nn.Module):
             terms["entropy"] = cfg.entmin_weight, entropy_loss(logits_BK)
         if pseudo_on:
             terms["pseudo"] = cfg.pseudo_label_weight, pseudo_label_loss(logits_BK, mu_BZ, teacher)
+        if cfg.latent_vat_weight > 0:
+            if logvar_BZ is None:
+                raise ValueError("model.latent_vat_weight needs the posterior's logvar_BZ")
+            std_BZ = torch.exp(0.5 * logvar_BZ)
+            # f as a function of the perturbation u in posterior-std units: z = mu + std * u
+            head = lambda u_BZ: self.prior(mu_BZ + std_BZ * u_BZ)  # noqa: E731
+            terms["latent_vat"] = cfg.latent_vat_weight, vat_loss(head, torch.zeros_like(mu_BZ), cfg.vat_xi,
+                                                                   cfg.latent_vat_eps, logits_BK=logits_BK)
         return terms
 
     def free_energy(self, z_BZ: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,8 @@ def test_round_trip_through_yaml(tmp_path):
      "model.pseudo_label_weight: reads the graph of model.graph_smoothing, which is 0 (off)"),
     (["model.pseudo_label_weight=1", "model.graph_smoothing=0.9", "model.pseudo_label_every=0"],
      "model.pseudo_label_every: pseudo_label_start and pseudo_label_every must be >= 1"),
+    (["model.latent_vat_eps=0"], "model.latent_vat_weight: latent_vat_weight must be >= 0 (0 turns the term off) and "
+                                 "latent_vat_eps > 0"),
     (["model.graph_pool=5"], "model.graph_pool: got 5; must be more than model.graph_neighbours=10"),
     (["train.steps"], "section.key=value"),
     (["data.batch_unlabelled=0"], "data.batch_unlabelled: is 0, but train.method 'ebm' learns from unlabelled data"),

@@ -11,7 +11,7 @@ from ssl_ebm.config import OptimConfig
 from ssl_ebm.model import LatentEBM, batch_mutual_information, pseudo_label_loss
 
 KEYS = {"loss", "recon", "kl", "F_pos", "F_neg", "z_pos_norm", "z_neg_norm", "ce", "acc_l", "mi", "vat", "consistency",
-        "entropy", "pseudo", "logvar_min", "logvar_max"}
+        "entropy", "pseudo", "latent_vat", "logvar_min", "logvar_max"}
 
 
 def make(name: str, seed: int = 0, **kw) -> LatentEBM:
@@ -231,6 +231,22 @@ def _consistency_reference(model, x_u):
     return pi_loss(model.predict_logits(x_u), model.predict_logits(x_u + 0.5 * torch.randn_like(x_u)))
 
 
+def _latent_vat_reference(model, x_u):
+    """By hand: one power iteration in posterior-std units u (z = mu + std * u), then KL at |u| = 0.5."""
+    mu, logvar = model.encoder(x_u)
+    std = torch.exp(0.5 * logvar)
+    p = torch.softmax(model.prior(mu), -1).detach()
+
+    def kl(u):
+        return (p * (p.log() - torch.log_softmax(model.prior(mu + std * u), -1))).sum(-1).mean()
+
+    torch.manual_seed(5)  # the power iteration's random start, as in the loss
+    d = torch.randn_like(mu)
+    d = (0.1 * d / d.norm(dim=1, keepdim=True)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(kl(d), d)
+    return kl(0.5 * grad / grad.norm(dim=1, keepdim=True))
+
+
 # The optional terms on ours' classifier f(mu(x)) over the unlabelled batch (none is the paper's): the config
 # that turns one on, the output key it is logged under, its weight, and the term computed by hand.
 CLASSIFIER_TERMS = {
@@ -238,13 +254,16 @@ CLASSIFIER_TERMS = {
     "consistency": (dict(consistency_weight=100.0, consistency_noise=0.5), "consistency", 100.0,
                     _consistency_reference),
     "entmin": (dict(entmin_weight=2.0), "entropy", 2.0, lambda model, x_u: entropy_loss(model.predict_logits(x_u))),
+    "latent_vat": (dict(latent_vat_weight=3.0, latent_vat_eps=0.5, vat_xi=0.1), "latent_vat", 3.0,
+                   _latent_vat_reference),
 }
 
 
 @pytest.mark.parametrize("term_name", list(CLASSIFIER_TERMS))
 def test_classifier_term(term_name):
     """loss = paper loss + weight * term, where the term is VAT's KL(p(y|x_u) || p(y|x_u + r_adv)), the Π-model's
-    mean (softmax f(mu(x_u)) - softmax f(mu(x_u + n)))^2 or the mean entropy of softmax f(mu(x_u)), with
+    mean (softmax f(mu(x_u)) - softmax f(mu(x_u + n)))^2, the mean entropy of softmax f(mu(x_u)) or VAT's KL in
+    the latent space, KL(softmax f(mu) || softmax f(mu + std * r_adv)), with
     p = softmax f(mu(x)); each term trains encoder and prior, never the generator."""
     settings, key, weight, reference = CLASSIFIER_TERMS[term_name]
     data = batch(make("mlp+mlp gaussian"), n_u=16)
