@@ -78,6 +78,29 @@ def ensemble_accuracy(runs: list[tuple[Path, str, dict]], updates: int) -> float
     return 100 * float((proba.argmax(dim=-1) == y).float().mean())
 
 
+def score(jobs: list, done: list[dict], n_members: int, updates: int) -> tuple[dict, dict, list]:
+    """Per table, the validation accuracy (%) of each labelled set whose runs all finished (one run's, or its
+    members' averaged prediction), each member's own accuracy, and the failed runs."""
+    per_table: dict[str, list[float]] = {}
+    members: dict[str, list[list[float]]] = {}
+    failed = []
+    finished: dict[tuple[str, int], list[tuple[Path, str, dict]]] = {}
+    for (table, s, m, *_, out, url), res in zip(jobs, done):
+        if "failed" in res:
+            failed.append({"table": table, "seed": s, **({"member": m} if n_members > 1 else {}),
+                           "error": res["failed"].splitlines()[-1]})
+            continue
+        assert res["best_step"] == updates, "the validation pass must be the last update's"
+        finished.setdefault((table, s), []).append((out, url, res))
+    for (table, s), runs in finished.items():
+        if len(runs) < n_members:
+            continue  # a member failed: the labelled set is recorded under "failed"
+        accuracy = 100 * runs[0][2]["val_accuracy"] if n_members == 1 else ensemble_accuracy(runs, updates)
+        per_table.setdefault(table, []).append(accuracy)
+        members.setdefault(table, []).append([round(100 * res["val_accuracy"], 2) for *_, res in runs])
+    return per_table, members, failed
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -129,23 +152,7 @@ def main(argv=None) -> int:
 
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         done = list(pool.map(run, jobs))
-    per_table: dict[str, list[float]] = {}
-    members: dict[str, list[list[float]]] = {}
-    failed = []
-    finished: dict[tuple[str, int], list[tuple[Path, str, dict]]] = {}
-    for (table, s, m, *_, out, url), res in zip(jobs, done):
-        if "failed" in res:
-            failed.append({"table": table, "seed": s, **({"member": m} if a.members > 1 else {}),
-                           "error": res["failed"].splitlines()[-1]})
-            continue
-        assert res["best_step"] == a.updates, "the validation pass must be the last update's"
-        finished.setdefault((table, s), []).append((out, url, res))
-    for (table, s), runs in finished.items():
-        if len(runs) < a.members:
-            continue  # a member failed: the labelled set is recorded under "failed"
-        accuracy = 100 * runs[0][2]["val_accuracy"] if a.members == 1 else ensemble_accuracy(runs, a.updates)
-        per_table.setdefault(table, []).append(accuracy)
-        members.setdefault(table, []).append([round(100 * res["val_accuracy"], 2) for *_, res in runs])
+    per_table, members, failed = score(jobs, done, a.members, a.updates)
     row = {"name": a.name, "method": a.method, "updates": a.updates, "seeds": a.seeds, "overrides": a.overrides,
            **({"settings": settings} if settings is not None else {}),
            **({"members": a.members, "member_val_per_seed": members} if a.members > 1 else {}),
